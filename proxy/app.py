@@ -1,0 +1,163 @@
+"""The daemon: wires sources, tracker, runner, proxier and the HTTP servers, and shuts down cleanly.
+
+Root tasks (the source, the sync runner) run side by side; if one of them ends, the rest stop.
+SIGTERM/SIGINT stop accepting, drain live connections for ``drain_timeout``, then exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from aiohttp import web
+
+from proxy import health, metrics
+from proxy.dataplane.vip import Vips
+from proxy.proxier import Proxier
+from proxy.runner import Runner
+from proxy.settings import Settings, parse_host_port
+from proxy.sources import manifests
+from proxy.tracker import ChangeTracker
+
+logger = logging.getLogger(__name__)
+
+
+class App:
+    """One svcproxy instance. ``start()`` returns once the servers are up; ``stop()`` drains."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.tracker = ChangeTracker(clock=time.monotonic, on_change=self._request_sync)
+        self.health = health.ProxierHealth(
+            timeout=2 * settings.sync_period, queued_since=lambda: self.tracker.oldest_pending
+        )
+        self.runner = Runner(self._sync, min_interval=settings.min_sync_period, max_interval=settings.sync_period)
+        self.proxier: Proxier | None = None
+        self.healthz_address: tuple[str, int] | None = None
+        self.metrics_address: tuple[str, int] | None = None
+        self.synced = asyncio.Event()
+        """Set after the first sync that followed the first full load."""
+        self._tasks: list[asyncio.Task[None]] = []
+        self._web: list[web.AppRunner] = []
+        self._collector: metrics.TrackerCollector | None = None
+
+    def _request_sync(self) -> None:
+        self.runner.request()
+
+    async def _sync(self) -> None:
+        assert self.proxier is not None
+        await self.proxier.sync()
+        if self.tracker.synced and not self.synced.is_set():
+            self.synced.set()
+            logger.info("initial sync done: %d services, %d listeners",
+                        len(self.proxier.table.services), len(self.proxier.listeners.open))
+
+    async def start(self) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        vips = Vips(s.vip_interface)
+        await vips.adopt()
+        self.proxier = Proxier(
+            loop=loop, tracker=self.tracker, vips=vips, health=self.health,
+            node_name=s.node_name, nodeport_cidrs=s.nodeport_addresses,
+        )
+        self._collector = metrics.TrackerCollector(self.tracker, self._last_queued_wall)
+        metrics.REGISTRY.register(self._collector)
+        self.healthz_address = await self._serve_http(s.healthz_bind_address, "--healthz-bind-address",
+                                                      health.routes(self.health))
+        if s.metrics_bind_address:
+            self.metrics_address = await self._serve_http(s.metrics_bind_address, "--metrics-bind-address",
+                                                          metrics.routes())
+        self._spawn(self.runner.loop())
+        self._spawn(self._source())
+
+    def _last_queued_wall(self) -> float | None:
+        queued = self.tracker.last_queued
+        return None if queued is None else time.time() - (time.monotonic() - queued)
+
+    async def _source(self) -> None:
+        s = self.settings
+        if s.manifests is not None:
+            logger.info("reading Services and EndpointSlices from %s", s.manifests)
+            await manifests.run(self.tracker, s.manifests, interval=s.manifest_poll_interval)
+        else:
+            raise RuntimeError("no source: give --manifests (the API server source is not built yet)")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coro))
+
+    async def _serve_http(self, address: str, flag: str, routes: list[web.RouteDef]) -> tuple[str, int]:
+        host, port = parse_host_port(address, flag)
+        app = web.Application()
+        app.add_routes(routes)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._web.append(runner)
+        # Bind ourselves so port 0 works (tests) and the bound port is known.
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # restarts overlap
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            raise OSError(e.errno, f"{flag} {address}: {e.strerror}") from None
+        await web.SockSite(runner, sock).start()
+        bound = sock.getsockname()[1]
+        logger.info("serving %s on %s:%d", flag.removeprefix("--").removesuffix("-bind-address"), host, bound)
+        return host, bound
+
+    async def wait(self) -> None:
+        """Until a root task ends (which is a failure: they run forever)."""
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+        raise RuntimeError("a root task ended unexpectedly")
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.proxier is not None:
+            await self.proxier.shutdown(drain_seconds=self.settings.drain_timeout)
+        for runner in self._web:
+            await runner.cleanup()
+        if self._collector is not None:
+            metrics.REGISTRY.unregister(self._collector)
+            self._collector = None
+
+
+async def main(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; the process exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = App(settings)
+    code = 0
+    try:
+        await app.start()
+        waiter = loop.create_task(app.wait())
+        stopper = loop.create_task(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter.done():
+            waiter.result()
+        waiter.cancel()
+        stopper.cancel()
+        logger.info("shutting down")
+    except Exception as e:
+        logger.error("svcproxy failed: %s", e)
+        code = 1
+    finally:
+        await app.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return code

@@ -1,0 +1,94 @@
+"""Endpoint choice for one pool: round robin, with optional ClientIP affinity.
+
+Used on the hot path, so picking is a few attribute reads and an index bump. The order is
+shuffled and the cursor reset only when the endpoint *set* changes (as the userspace proxier
+did): a sync that changes nothing leaves every pool's position alone, and the shuffle keeps all
+nodes from starting on the same endpoint.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Collection
+
+from proxy.model import Endpoint
+
+
+class Pool:
+    """Round robin over a set of endpoints; ``pick`` returns None when there are none."""
+
+    __slots__ = ("_affinity", "_clock", "_cursor", "_rng", "affinity_timeout", "endpoints")
+
+    def __init__(
+        self,
+        endpoints: tuple[Endpoint, ...] = (),
+        *,
+        affinity_timeout: int = 0,
+        clock: Callable[[], float],
+        rng: random.Random | None = None,
+    ) -> None:
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._cursor = 0
+        self._affinity: dict[str, tuple[Endpoint, float]] = {}
+        self.affinity_timeout = affinity_timeout
+        self.endpoints: tuple[Endpoint, ...] = ()
+        self.update(endpoints, affinity_timeout)
+
+    def update(self, endpoints: tuple[Endpoint, ...], affinity_timeout: int) -> None:
+        """Take a new endpoint list; a list with the same members keeps order and cursor."""
+        if affinity_timeout != self.affinity_timeout:
+            self.affinity_timeout = affinity_timeout
+            self._affinity.clear()
+        if set(endpoints) == set(self.endpoints):
+            return
+        shuffled = list(endpoints)
+        self._rng.shuffle(shuffled)
+        self.endpoints = tuple(shuffled)
+        self._cursor = 0
+        members = set(endpoints)
+        self._affinity = {ip: v for ip, v in self._affinity.items() if v[0] in members}
+
+    def pick(self, client_ip: str | None = None, exclude: Collection[Endpoint] = ()) -> Endpoint | None:
+        """The next endpoint for a connection from ``client_ip``.
+
+        ``exclude`` holds endpoints that already failed for this connection; they are skipped
+        while others remain. Affinity is bypassed once anything failed (``exclude`` non-empty),
+        like the userspace proxier's sessionAffinityReset.
+        """
+        eps = self.endpoints
+        if not eps:
+            return None
+        if self.affinity_timeout and client_ip is not None and not exclude:
+            now = self._clock()
+            entry = self._affinity.get(client_ip)
+            if entry is not None and now - entry[1] < self.affinity_timeout:
+                self._affinity[client_ip] = (entry[0], now)  # sliding window
+                return entry[0]
+            ep = self._next(exclude)
+            self._affinity[client_ip] = (ep, now)
+            return ep
+        return self._next(exclude)
+
+    def _next(self, exclude: Collection[Endpoint]) -> Endpoint:
+        eps = self.endpoints
+        n = len(eps)
+        for _ in range(n):
+            ep = eps[self._cursor % n]
+            self._cursor = (self._cursor + 1) % n
+            if ep not in exclude:
+                return ep
+        # Every endpoint failed already: start over rather than give up early.
+        ep = eps[self._cursor % n]
+        self._cursor = (self._cursor + 1) % n
+        return ep
+
+    def expire_affinity(self) -> None:
+        """Forget client affinities older than the timeout (called at each sync)."""
+        if not self._affinity:
+            return
+        cutoff = self._clock() - self.affinity_timeout
+        self._affinity = {ip: v for ip, v in self._affinity.items() if v[1] > cutoff}
+
+    def __repr__(self) -> str:
+        return f"<Pool endpoints={len(self.endpoints)} cursor={self._cursor} affinity={len(self._affinity)}>"

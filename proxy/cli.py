@@ -1,0 +1,99 @@
+"""The ``svcproxy`` command: the daemon (kube-proxy's flag names) and ``svcproxy demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvloop
+
+from proxy import app
+from proxy.settings import Settings, SettingsError
+
+
+def _duration(value: str) -> float:
+    """kube-proxy style durations: '30s', '1m', '500ms', or plain seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for suffix in ("ms", "s", "m", "h"):
+        if value.endswith(suffix) and value[: -len(suffix)].replace(".", "", 1).isdigit():
+            return float(value[: -len(suffix)]) * units[suffix]
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration (e.g. 30s, 500ms)") from None
+
+
+def _cidrs(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def daemon_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="svcproxy",
+        description="A userspace kube-proxy: forwards Service traffic to pods. "
+        "Run 'svcproxy demo' for a local demonstration.",
+    )
+    p.add_argument("--manifests", type=Path, help="read Services and EndpointSlices from this YAML file or directory")
+    p.add_argument("--kubeconfig", help="kubeconfig file for the API server")
+    p.add_argument("--master", help="API server address (overrides the kubeconfig)")
+    p.add_argument("--hostname-override", default="", help="this node's name (default: the hostname)")
+    p.add_argument("--nodeport-addresses", type=_cidrs, default=(),
+                   help="comma-separated CIDRs of node addresses nodePorts bind on (default: every node address)")
+    p.add_argument("--healthz-bind-address", default="0.0.0.0:10256", help="host:port of /healthz and /livez")
+    p.add_argument("--metrics-bind-address", default="127.0.0.1:10249",
+                   help="host:port of /metrics; empty disables it")
+    p.add_argument("--vip-interface", default="svcproxy0",
+                   help="interface service addresses are added to (a dummy, created if missing; lo as a fallback)")
+    p.add_argument("--sync-period", type=_duration, default=30.0, help="periodic resync (default 30s)")
+    p.add_argument("--min-sync-period", type=_duration, default=0.0,
+                   help="least time between syncs (default 0: apply each change at once)")
+    p.add_argument("--drain-timeout", type=_duration, default=10.0,
+                   help="on SIGTERM, how long live connections may finish (default 10s)")
+    p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log verbosity (klog style; 4+ = debug)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level (overrides -v)")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(
+        manifests=args.manifests,
+        kubeconfig=args.kubeconfig,
+        master=args.master,
+        hostname_override=args.hostname_override,
+        nodeport_addresses=args.nodeport_addresses,
+        healthz_bind_address=args.healthz_bind_address,
+        metrics_bind_address=args.metrics_bind_address,
+        vip_interface=args.vip_interface,
+        sync_period=args.sync_period,
+        min_sync_period=args.min_sync_period,
+        drain_timeout=args.drain_timeout,
+    ).validate()
+
+
+def setup_logging(verbosity: int, level: str | None) -> None:
+    lvl = getattr(logging, level.upper()) if level else (logging.DEBUG if verbosity >= 4 else logging.INFO)
+    logging.basicConfig(level=lvl, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from proxy import demo  # only the demo needs it
+
+        return demo.main(argv[1:])
+    parser = daemon_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbosity, args.log_level)
+    try:
+        settings = settings_from(args)
+    except SettingsError as e:
+        parser.error(str(e))
+    return uvloop.run(app.main(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

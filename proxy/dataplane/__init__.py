@@ -1,0 +1,1 @@
+"""Sockets and addresses: the only I/O the proxier drives."""

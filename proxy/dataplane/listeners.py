@@ -1,0 +1,74 @@
+"""Listening sockets: one per (address, port, protocol), each forwarding to a Target.
+
+Sockets use SO_REUSEPORT so a new svcproxy can bind next to an old one during a restart and no
+connection is refused. Closing a listener never touches the connections it accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from proxy.dataplane import tcp
+from proxy.plan import ListenerKey
+
+logger = logging.getLogger(__name__)
+
+BACKLOG = 4096
+
+
+def listening_socket(key: ListenerKey) -> socket.socket:
+    family = socket.AF_INET6 if ":" in key.ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((key.ip, key.port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Listener:
+    __slots__ = ("key", "server", "target")
+
+    def __init__(self, key: ListenerKey, target: tcp.Target, server: asyncio.AbstractServer) -> None:
+        self.key = key
+        self.target = target
+        self.server = server
+
+
+class Listeners:
+    """The open listeners, keyed by address, port and protocol."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, connections: tcp.Connections) -> None:
+        self._loop = loop
+        self._connections = connections
+        self.open: dict[ListenerKey, Listener] = {}
+
+    async def open_tcp(self, key: ListenerKey, target: tcp.Target) -> None:
+        """Bind and start accepting; raises OSError when the address cannot be bound."""
+        sock = listening_socket(key)
+        try:
+            server = await self._loop.create_server(
+                tcp.client_factory(target, self._connections, self._loop), sock=sock, backlog=BACKLOG
+            )
+        except BaseException:
+            sock.close()
+            raise
+        self.open[key] = Listener(key, target, server)
+
+    def close(self, key: ListenerKey) -> None:
+        listener = self.open.pop(key, None)
+        if listener is not None:
+            listener.server.close()
+
+    def close_all(self) -> None:
+        for key in list(self.open):
+            self.close(key)

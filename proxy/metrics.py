@@ -1,0 +1,105 @@
+"""Every Prometheus metric svcproxy exports, declared in one place, under kube-proxy's names.
+
+Pure modules never import this; the proxier, health handlers and app record into it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+
+# kube-proxy's buckets: 1 ms doubling, 15 of them.
+_SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
+
+sync_duration = Histogram(
+    "kubeproxy_sync_proxy_rules_duration_seconds",
+    "SyncProxyRules latency in seconds",
+    buckets=_SYNC_BUCKETS,
+    registry=REGISTRY,
+)
+sync_last_timestamp = Gauge(
+    "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+    "The last time proxy rules were successfully synced",
+    registry=REGISTRY,
+)
+healthz_total = Counter(
+    "kubeproxy_proxy_healthz", "Cumulative proxy healthz HTTP status", ["code"], registry=REGISTRY
+)
+livez_total = Counter(
+    "kubeproxy_proxy_livez", "Cumulative proxy livez HTTP status", ["code"], registry=REGISTRY
+)
+
+__all__ = ["REGISTRY", "Counter", "TrackerCollector", "routes"]
+
+
+class ChangeCounts(Protocol):
+    """What the tracker exposes for the changes pending/total metrics (a structural type)."""
+
+    service_changes_pending: int
+    endpoint_changes_pending: int
+    service_changes_total: int
+    endpoint_changes_total: int
+
+
+class TrackerCollector(Collector):
+    """Reads the change counts straight from the tracker at scrape time, so they cannot drift."""
+
+    def __init__(self, tracker: ChangeCounts, last_queued: Callable[[], float | None]) -> None:
+        self._tracker = tracker
+        self._last_queued = last_queued
+
+    def collect(self) -> Iterator[Metric]:
+        t = self._tracker
+        yield GaugeMetricFamily(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes", value=t.endpoint_changes_pending,
+        )
+        yield CounterMetricFamily(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes", value=t.endpoint_changes_total,
+        )
+        yield GaugeMetricFamily(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes", value=t.service_changes_pending,
+        )
+        yield CounterMetricFamily(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes", value=t.service_changes_total,
+        )
+        queued = self._last_queued()
+        if queued is not None:
+            yield GaugeMetricFamily(
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                "The last time a sync of proxy rules was queued", value=queued,
+            )
+
+
+def routes() -> list[web.RouteDef]:
+    async def handle(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def proxy_mode(_: web.Request) -> web.Response:
+        return web.Response(text="userspace")
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    return [web.get("/metrics", handle), web.get("/proxyMode", proxy_mode), web.get("/healthz", healthz)]

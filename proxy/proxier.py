@@ -1,0 +1,144 @@
+"""sync(): tracker changes → plan → dataplane. The only place that binds, closes or adds addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from proxy import metrics
+from proxy.balancer import Pool
+from proxy.dataplane import tcp
+from proxy.dataplane.listeners import Listeners
+from proxy.dataplane.vip import Vips
+from proxy.health import ProxierHealth
+from proxy.plan import ListenerKey, ListenerSpec, Node, Plan, PoolKey, Table
+from proxy.tracker import ChangeTracker
+
+logger = logging.getLogger(__name__)
+
+
+class Proxier:
+    def __init__(
+        self,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        tracker: ChangeTracker,
+        vips: Vips,
+        health: ProxierHealth,
+        node_name: str,
+        nodeport_cidrs: Sequence[str] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tracker = tracker
+        self.vips = vips
+        self.health = health
+        self._node_name = node_name
+        self._nodeport_cidrs = [ipaddress.ip_network(c, strict=False) for c in nodeport_cidrs]
+        self._clock = clock
+        self.connections = tcp.Connections()
+        self.listeners = Listeners(loop, self.connections)
+        self.pools: dict[PoolKey, Pool] = {}
+        self.table = Table(Node(node_name, ()))
+        self._failed: dict[ListenerKey, ListenerSpec] = {}
+        self._unsupported_logged: set[str] = set()
+
+    async def nodeport_addresses(self) -> tuple[str, ...]:
+        """Local addresses nodePorts bind on: every node address, or those in --nodeport-addresses."""
+        addrs = await self.vips.node_addresses()
+        if self._nodeport_cidrs:
+            addrs = [a for a in addrs if any(ipaddress.ip_address(a) in n for n in self._nodeport_cidrs)]
+        return tuple(addrs)
+
+    async def sync(self) -> None:
+        """Apply every pending change. Called by the runner; never before the first full list."""
+        if not self.tracker.synced:
+            return
+        start = self._clock()
+        plans = []
+        node = Node(self._node_name, await self.nodeport_addresses())
+        if node != self.table.node:
+            plans.append(self.table.set_node(node))
+        plans.append(self.table.update(self.tracker.checkout()))
+        for plan in plans:
+            await self._apply(plan)
+        await self._retry_failed()
+        for pool in self.pools.values():
+            pool.expire_affinity()
+        elapsed = self._clock() - start
+        self.health.updated()
+        metrics.sync_duration.observe(elapsed)
+        metrics.sync_last_timestamp.set_to_current_time()
+        logger.debug("sync done in %.1f ms", elapsed * 1000)
+
+    async def _apply(self, plan: Plan) -> None:
+        if not plan:
+            return
+        if plan.add_vips:
+            await self.vips.sync(self.table.vips)
+        for pool_key, pool_spec in plan.pools.items():
+            pool = self.pools.get(pool_key)
+            if pool is None:
+                self.pools[pool_key] = Pool(
+                    pool_spec.endpoints, affinity_timeout=pool_spec.affinity_timeout, clock=self._clock
+                )
+            else:
+                pool.update(pool_spec.endpoints, pool_spec.affinity_timeout)
+        for spec in plan.retarget:
+            listener = self.listeners.open.get(spec.key)
+            if listener is None:
+                await self._open(spec)
+                continue
+            listener.target.pool = self.pools[spec.pool]
+            listener.target.name = str(spec.pool.name)
+            listener.target.set_source_ranges(spec.source_ranges)
+        for spec in plan.open:
+            await self._open(spec)
+        for key in plan.close:
+            self._failed.pop(key, None)
+            self.listeners.close(key)
+        for dropped in plan.drop_pools:
+            self.pools.pop(dropped, None)
+        if plan.remove_vips:
+            await self.vips.sync(self.table.vips)
+
+    async def _open(self, spec: ListenerSpec) -> None:
+        key = spec.key
+        if key.protocol != "TCP":
+            if key.protocol not in self._unsupported_logged:
+                self._unsupported_logged.add(key.protocol)
+                logger.warning("%s service ports are not supported yet; not serving %s", key.protocol, key)
+            return
+        target = tcp.Target(str(spec.pool.name), self.pools[spec.pool], spec.source_ranges)
+        try:
+            await self.listeners.open_tcp(key, target)
+        except OSError as e:
+            if key not in self._failed:
+                logger.error("%s: cannot listen on %s: %s (will retry)", spec.pool.name, key, e.strerror or e)
+            self._failed[key] = spec
+            return
+        self._failed.pop(key, None)
+        logger.debug("%s: listening on %s", spec.pool.name, key)
+
+    async def _retry_failed(self) -> None:
+        for key, spec in list(self._failed.items()):
+            if self.table.listeners.get(key) == spec:
+                await self._open(spec)
+            else:
+                self._failed.pop(key, None)
+
+    async def shutdown(self, *, drain_seconds: float, remove_vips: bool = True) -> None:
+        """Stop accepting, let live connections finish for up to ``drain_seconds``, then cut them."""
+        self.listeners.close_all()
+        if self.connections.live:
+            logger.info("draining %d connections for up to %.0fs", len(self.connections.live), drain_seconds)
+            try:
+                await asyncio.wait_for(self.connections.wait_idle(), drain_seconds)
+            except TimeoutError:
+                logger.info("drain deadline passed; closing %d connections", len(self.connections.live))
+                self.connections.abort_all()
+        if remove_vips:
+            await self.vips.remove_all()
+        await self.vips.close()

@@ -1,0 +1,70 @@
+"""svcproxy's settings, with kube-proxy's names and defaults where kube-proxy has the setting."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """A bad flag or config value; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    manifests: Path | None = None
+    """Read Services/EndpointSlices from these files instead of the API server."""
+    kubeconfig: str | None = None
+    master: str | None = None
+    hostname_override: str = ""
+    """The node name for local endpoints; default: this host's name (as kube-proxy)."""
+    nodeport_addresses: tuple[str, ...] = ()
+    """CIDRs of the node addresses nodePorts bind on; empty = every node address."""
+    healthz_bind_address: str = "0.0.0.0:10256"
+    metrics_bind_address: str = "127.0.0.1:10249"
+    """Empty disables the metrics server (kube-proxy's convention)."""
+    vip_interface: str = "svcproxy0"
+    sync_period: float = 30.0
+    """Periodic resync; the health timeout is twice this (kube-proxy's rule)."""
+    min_sync_period: float = 0.0
+    """svcproxy syncs incrementally, so by default a change is applied at once (kube-proxy: 1 s)."""
+    manifest_poll_interval: float = 0.5
+    drain_timeout: float = 10.0
+    """Seconds SIGTERM lets live connections finish before they are closed."""
+
+    @property
+    def node_name(self) -> str:
+        return (self.hostname_override or socket.gethostname()).strip().lower()
+
+    def validate(self) -> Settings:
+        for flag, value in (("--healthz-bind-address", self.healthz_bind_address),
+                            ("--metrics-bind-address", self.metrics_bind_address)):
+            if value:
+                parse_host_port(value, flag)
+        for cidr in self.nodeport_addresses:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise SettingsError(f"--nodeport-addresses: {cidr!r} is not a CIDR") from None
+        if self.sync_period <= 0:
+            raise SettingsError("--sync-period must be positive")
+        if self.min_sync_period < 0 or self.min_sync_period > self.sync_period:
+            raise SettingsError("--min-sync-period must be between 0 and --sync-period")
+        if self.manifests is not None and not self.manifests.exists():
+            raise SettingsError(f"--manifests: {self.manifests} does not exist")
+        return self
+
+
+def parse_host_port(value: str, flag: str) -> tuple[str, int]:
+    """'0.0.0.0:10256', '[::]:10256' or ':10256' (all addresses) → (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SettingsError(f"{flag}: {value!r} is not host:port")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise SettingsError(f"{flag}: {host!r} is not an IP address") from None
+    return host, int(port)

@@ -1,0 +1,158 @@
+"""Services and EndpointSlices from local YAML (or JSON) files: the embedded, API-server-free mode.
+
+``--manifests PATH`` names a file or a directory (read recursively, hidden entries skipped, so a
+mounted ConfigMap's ``..data`` links are not read twice). Files are multi-document and may hold
+``Service``, ``EndpointSlice`` and ``List`` objects. Files are polled for changes; a file that
+fails to parse is reported with its line and keeps the objects it last had, so a half-saved edit
+never takes a service down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.model import NamespacedName
+from proxy.sources import Handler
+from proxy.tracker import ENDPOINT_SLICES, SERVICES
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = (".yaml", ".yml", ".json")
+KINDS = (SERVICES, ENDPOINT_SLICES)
+Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+ObjKey = tuple[str, NamespacedName]
+
+
+class ManifestError(ValueError):
+    """A file that cannot be used; the message names the file, the line and the reason."""
+
+
+@dataclass
+class _File:
+    signature: tuple[int, int, int]
+    objects: dict[ObjKey, dict[str, Any]] = field(default_factory=dict)
+
+
+def parse(path: Path, text: str) -> dict[ObjKey, dict[str, Any]]:
+    """The Services and EndpointSlices in one file; raises ManifestError on a bad file."""
+    try:
+        docs = list(yaml.load_all(text, Loader=Loader))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        reason = getattr(e, "problem", None) or str(e)
+        raise ManifestError(f"{where}: {reason}") from None
+    objects: dict[ObjKey, dict[str, Any]] = {}
+    for i, doc in enumerate(docs, 1):
+        if doc is None:
+            continue
+        for obj in _flatten(path, i, doc):
+            kind = obj.get("kind")
+            if kind not in KINDS:
+                logger.debug("%s: document %d: skipping kind %r", path, i, kind)
+                continue
+            meta = obj.get("metadata")
+            name = meta.get("name") if isinstance(meta, Mapping) else None
+            if not isinstance(name, str) or not name:
+                raise ManifestError(f"{path}: document {i}: {kind} has no metadata.name")
+            namespace = meta.get("namespace") if isinstance(meta, Mapping) else None
+            key = NamespacedName(namespace if isinstance(namespace, str) and namespace else "default", name)
+            objects[(kind, key)] = obj
+    return objects
+
+
+def _flatten(path: Path, index: int, doc: Any) -> Iterator[dict[str, Any]]:
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{path}: document {index}: expected an object, got {type(doc).__name__}")
+    if str(doc.get("kind", "")).endswith("List") and "items" in doc:
+        items = doc.get("items")
+        if not isinstance(items, list):
+            raise ManifestError(f"{path}: document {index}: List items must be a list")
+        for item in items:
+            yield from _flatten(path, index, item)
+    else:
+        yield doc
+
+
+class ManifestSet:
+    """The objects of every file under a path, re-read when a file changes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._files: dict[Path, _File] = {}
+        self.objects: dict[ObjKey, dict[str, Any]] = {}
+
+    def _paths(self) -> list[Path]:
+        if self.root.is_file():
+            return [self.root]
+        if not self.root.is_dir():
+            return []
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found += [Path(dirpath, f) for f in sorted(filenames) if f.endswith(SUFFIXES) and not f.startswith(".")]
+        return found
+
+    def scan(self) -> tuple[dict[ObjKey, dict[str, Any]], list[ObjKey]]:
+        """Re-read changed files; return (objects added or changed, keys deleted) since last scan."""
+        paths = self._paths()
+        if not paths and not self.root.exists():
+            logger.error("manifests path %s does not exist", self.root)
+        for gone in set(self._files) - set(paths):
+            del self._files[gone]
+        for path in paths:
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # vanished between listing and stat: the next scan sees it gone
+            signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+            known = self._files.get(path)
+            if known is not None and known.signature == signature:
+                continue
+            entry = known or _File(signature)
+            entry.signature = signature
+            self._files[path] = entry
+            try:
+                entry.objects = parse(path, path.read_text())
+            except (ManifestError, OSError, UnicodeDecodeError) as e:
+                logger.error("cannot load %s (keeping its last good objects)", e)
+        merged: dict[ObjKey, dict[str, Any]] = {}
+        for path in sorted(self._files):
+            for key, obj in self._files[path].objects.items():
+                if key in merged:
+                    logger.warning("%s %s is defined twice; %s wins", key[0], key[1], path)
+                merged[key] = obj
+        changed = {k: v for k, v in merged.items() if self.objects.get(k) != v}
+        deleted = [k for k in self.objects if k not in merged]
+        self.objects = merged
+        return changed, deleted
+
+
+def deliver(handler: Handler, changed: Mapping[ObjKey, Mapping[str, Any]], deleted: list[ObjKey]) -> None:
+    for (kind, key) in deleted:
+        (handler.on_service if kind == SERVICES else handler.on_endpoint_slice)(key, None)
+    for (kind, key), obj in changed.items():
+        (handler.on_service if kind == SERVICES else handler.on_endpoint_slice)(key, obj)
+
+
+async def run(handler: Handler, root: Path, *, interval: float = 0.5) -> None:
+    """Feed ``handler`` from the files under ``root`` until cancelled."""
+    manifests = ManifestSet(root)
+    deliver(handler, *manifests.scan())
+    handler.on_synced(SERVICES)
+    handler.on_synced(ENDPOINT_SLICES)
+    while True:
+        await asyncio.sleep(interval)
+        changed, deleted = manifests.scan()
+        if changed or deleted:
+            logger.info("manifests changed: %d objects added or updated, %d removed", len(changed), len(deleted))
+            deliver(handler, changed, deleted)
