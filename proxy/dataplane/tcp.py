@@ -117,7 +117,7 @@ class _Side(asyncio.Protocol):
 class Client(_Side):
     """The accepted client socket; owns the connection's lifecycle."""
 
-    __slots__ = ("_dial", "_loop", "_registry", "_target", "backend")
+    __slots__ = ("_dial", "_early", "_loop", "_registry", "_target", "backend")
 
     def __init__(self, target: Target, registry: Connections, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(self)
@@ -125,6 +125,7 @@ class Client(_Side):
         self._registry = registry
         self._loop = loop
         self._dial: asyncio.Task[None] | None = None
+        self._early: list[bytes] = []
         self.backend: _Side | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -135,11 +136,21 @@ class Client(_Side):
         if not self._target.admits(client_ip):
             t.abort()  # loadBalancerSourceRanges: refuse with a reset
             return
-        # Nothing to forward to yet: hold the client's bytes in the kernel until the dial is done.
-        t.pause_reading()
         t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self._registry.add(self)
         self._dial = self._loop.create_task(self._connect(client_ip, self._target.pool))
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None:
+            if peer.transport is not None:
+                peer.transport.write(data)
+            return
+        # Still dialling. uvloop starts reading right after connection_made (a pause_reading
+        # there does not stick), so keep what came early and stop reading until attached.
+        self._early.append(data)
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     async def _connect(self, client_ip: str, pool: Pool) -> None:
         failed: list[Endpoint] = []
@@ -148,6 +159,9 @@ class Client(_Side):
             if ep is None:
                 break
             backend = _Side(self)
+            # Wired to the client before the dial: the backend may send (even close) before this
+            # coroutine resumes, and those bytes must reach the client.
+            backend.peer = self
             try:
                 async with asyncio.timeout(timeout):
                     await self._loop.create_connection(lambda b=backend: b, ep.ip, ep.port)  # type: ignore[misc]
@@ -169,12 +183,20 @@ class Client(_Side):
             if backend.transport is not None:
                 backend.transport.close()
             return
-        assert backend.transport is not None
-        backend.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.backend = backend
         self.peer = backend
-        backend.peer = self
-        client.resume_reading()
+        if backend.transport is None:  # the backend already came and went
+            client.close()
+            return
+        backend.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        if self._early:
+            backend.transport.writelines(self._early)
+            self._early.clear()
+        if self.eof:
+            backend.transport.write_eof()
+        else:
+            client.resume_reading()
+        self.maybe_finish()
 
     def maybe_finish(self) -> None:
         """Both directions ended: close both sockets (buffered bytes are still flushed)."""

@@ -1,0 +1,34 @@
+# Sourced by scripts/demo and scripts/test: a virtualenv in .venv with svcproxy installed.
+# Usage: . scripts/setup.sh [pip extras] ; with "--system-packages" as root it also installs the
+# Debian packages the tests use (iproute2 for network namespaces, wrk and nginx for the
+# benchmark smoke test).
+set -euo pipefail
+
+need_apt=()
+if [ "${SVCPROXY_SYSTEM_PACKAGES:-0}" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  command -v ip >/dev/null || need_apt+=(iproute2)
+  command -v wrk >/dev/null || need_apt+=(wrk)
+  command -v nginx >/dev/null || need_apt+=(nginx-light)
+fi
+if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then need_apt+=(python3-venv); fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Debian packages: ${need_apt[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  else
+    echo "note: missing Debian packages (${need_apt[*]}); tests that need them will be skipped" >&2
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+extras="${1:-}"
+stamp=".venv/.installed${extras:+-$extras}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+  touch "$stamp"
+fi
+export PATH="$PWD/.venv/bin:$PATH"

@@ -1,0 +1,139 @@
+"""Real loopback backends, manifests and an in-process svcproxy for integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.app import App
+from proxy.settings import Settings
+
+
+def service(name: str, cluster_ip: str, port: int, *, node_port: int = 0, ns: str = "default",
+            **spec: Any) -> dict[str, Any]:
+    ports: dict[str, Any] = {"name": "p", "protocol": "TCP", "port": port, "targetPort": port}
+    if node_port:
+        ports["nodePort"] = node_port
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"type": "NodePort" if node_port else "ClusterIP", "clusterIP": cluster_ip,
+                 "ports": [ports], **spec},
+    }
+
+
+def endpoint_slice(service_name: str, port: int, ips: Sequence[str], *, name: str = "", ns: str = "default",
+                   family: str = "IPv4") -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name or f"{service_name}-1", "namespace": ns,
+                     "labels": {"kubernetes.io/service-name": service_name}},
+        "addressType": family,
+        "ports": [{"name": "p", "protocol": "TCP", "port": port}],
+        "endpoints": [{"addresses": [ip], "nodeName": "node-a"} for ip in ips],
+    }
+
+
+def write_manifests(path: Path, objects: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump_all(objects))
+    tmp.replace(path)  # atomic, so the poller never reads half a file
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(directory: Path, objects: Sequence[dict[str, Any]] = (), **overrides: Any
+                        ) -> AsyncIterator[App]:
+    """svcproxy on the manifests in ``directory`` (``objects`` are written to svc.yaml first)."""
+    if objects:
+        write_manifests(directory / "svc.yaml", objects)
+    settings = Settings(**{
+        "manifests": directory, "hostname_override": "node-a", "nodeport_addresses": ("127.0.0.1/32",),
+        "healthz_bind_address": "127.0.0.1:0", "metrics_bind_address": "127.0.0.1:0",
+        "vip_interface": "lo", "manifest_poll_interval": 0.1, "drain_timeout": 1.0, **overrides,
+    }).validate()
+    app = App(settings)
+    await app.start()
+    try:
+        await asyncio.wait_for(app.synced.wait(), 5)
+        yield app
+    finally:
+        await app.stop()
+
+
+class Whoami(asyncio.Protocol):
+    """Answers each connection with its name, then closes."""
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.name)  # type: ignore[attr-defined]
+        transport.close()
+
+
+@contextlib.asynccontextmanager
+async def servers(addresses: Sequence[tuple[str, int]], factory: Callable[[str], asyncio.Protocol] | None = None
+                  ) -> AsyncIterator[list[asyncio.AbstractServer]]:
+    """Backends on each (ip, port); by default each answers with "ip" and closes."""
+    loop = asyncio.get_running_loop()
+    made = []
+    try:
+        for ip, port in addresses:
+            def make(ip: str = ip) -> asyncio.Protocol:
+                return factory(ip) if factory else Whoami(ip.encode())
+
+            made.append(await loop.create_server(make, ip, port, reuse_address=True))
+        yield made
+    finally:
+        for server in made:
+            server.close()
+
+
+async def ask(ip: str, port: int, timeout: float = 5.0) -> str:
+    """Connect, read until the server closes, return what it said."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout)
+    try:
+        return (await asyncio.wait_for(reader.read(), timeout)).decode()
+    finally:
+        writer.close()
+
+
+async def refused(ip: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 2)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 2.0, interval: float = 0.05) -> Any:
+    """Poll an (async or plain) check until it returns something truthy; fail after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            result = check()
+            if asyncio.iscoroutine(result):
+                result = await result
+        except (OSError, AssertionError) as e:  # not there yet (e.g. refused): keep polling
+            result = None
+            last: BaseException | None = e
+        else:
+            last = None
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {check}") from last
+        await asyncio.sleep(interval)
+
+
+def free_port(ip: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return int(s.getsockname()[1])

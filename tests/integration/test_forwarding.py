@@ -1,0 +1,263 @@
+"""TCP forwarding through svcproxy on real loopback sockets, with uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import socket
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from tests.integration.harness import (
+    ask,
+    endpoint_slice,
+    eventually,
+    refused,
+    running_proxy,
+    servers,
+    service,
+    write_manifests,
+)
+
+VIP = "127.0.0.100"
+BACKENDS = ["127.0.0.101", "127.0.0.102", "127.0.0.103"]
+PORT = 18080
+
+
+async def test_runs_on_uvloop() -> None:
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+
+
+async def test_round_robin_across_three_backends(tmp_path: Path) -> None:
+    objs = [service("web", VIP, 80 + 8000, node_port=30100), endpoint_slice("web", PORT, BACKENDS)]
+    async with servers([(ip, PORT) for ip in BACKENDS]), running_proxy(tmp_path, objs):
+        answers = [await ask(VIP, 8080) for _ in range(30)]
+        # Round robin: every window of three consecutive connections hits each backend once.
+        for i in range(0, 30, 3):
+            assert sorted(answers[i:i + 3]) == BACKENDS
+        node_answers = collections.Counter([await ask("127.0.0.1", 30100) for _ in range(30)])
+        assert node_answers == {ip: 10 for ip in BACKENDS}
+
+
+async def test_no_endpoints_is_refused(tmp_path: Path) -> None:
+    objs = [service("empty", VIP, 8081, node_port=30101), endpoint_slice("empty", PORT, [])]
+    async with running_proxy(tmp_path, objs):
+        assert await refused(VIP, 8081)
+        assert await refused("127.0.0.1", 30101)
+
+
+async def test_cluster_ip_node_port_is_refused(tmp_path: Path) -> None:
+    objs = [service("web", VIP, 8082, node_port=30102), endpoint_slice("web", PORT, BACKENDS[:1])]
+    async with servers([(BACKENDS[0], PORT)]), running_proxy(tmp_path, objs):
+        assert await ask("127.0.0.1", 30102) == BACKENDS[0]
+        assert await ask(VIP, 8082) == BACKENDS[0]
+        assert await refused(VIP, 30102)
+
+
+async def test_dead_endpoint_costs_no_failed_requests(tmp_path: Path) -> None:
+    # The third endpoint has nothing listening: every dial to it is refused and retried elsewhere.
+    objs = [service("web", VIP, 8083), endpoint_slice("web", PORT, BACKENDS)]
+    async with servers([(ip, PORT) for ip in BACKENDS[:2]]), running_proxy(tmp_path, objs):
+        results = await asyncio.gather(*(ask(VIP, 8083) for _ in range(300)), return_exceptions=True)
+        failures = [r for r in results if not isinstance(r, str) or r not in BACKENDS[:2]]
+        assert failures == []
+        assert set(results) == set(BACKENDS[:2])
+
+
+async def test_hung_endpoint_times_out_and_next_one_answers(tmp_path: Path) -> None:
+    # A listener with a full accept queue drops SYNs: the dial hangs until the 250 ms timeout.
+    hung = socket.socket()
+    hung.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    hung.bind((BACKENDS[2], PORT))
+    hung.listen(0)
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect((BACKENDS[2], PORT))
+        fillers.append(s)
+    objs = [service("web", VIP, 8084), endpoint_slice("web", PORT, [BACKENDS[0], BACKENDS[2]])]
+    try:
+        async with servers([(BACKENDS[0], PORT)]), running_proxy(tmp_path, objs):
+            loop = asyncio.get_running_loop()
+            slowest = 0.0
+            for _ in range(4):
+                start = loop.time()
+                assert await ask(VIP, 8084) == BACKENDS[0]
+                slowest = max(slowest, loop.time() - start)
+            # Half the picks hit the hung endpoint first: one 250 ms dial timeout, not more.
+            assert 0.2 < slowest < 0.6
+    finally:
+        for s in [*fillers, hung]:
+            s.close()
+
+
+async def test_all_endpoints_dead_closes_client(tmp_path: Path) -> None:
+    objs = [service("web", VIP, 8085), endpoint_slice("web", PORT, BACKENDS)]
+    async with running_proxy(tmp_path, objs):
+        assert await ask(VIP, 8085) == ""  # accepted, every dial refused, then closed
+
+
+class ReplyAfterEof(asyncio.Protocol):
+    """Reads until the client half-closes, then answers with what it got, reversed."""
+
+    def __init__(self) -> None:
+        self.got = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.got += data
+
+    def eof_received(self) -> bool:
+        self.transport.write(bytes(reversed(self.got)))  # type: ignore[attr-defined]
+        self.transport.close()
+        return True
+
+
+async def test_half_close_both_ways(tmp_path: Path) -> None:
+    objs = [service("rev", VIP, 8086), endpoint_slice("rev", PORT, BACKENDS[:1])]
+    async with servers([(BACKENDS[0], PORT)], lambda ip: ReplyAfterEof()), running_proxy(tmp_path, objs):
+        reader, writer = await asyncio.open_connection(VIP, 8086)
+        payload = b"hello, half-closed world" * 1000
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()  # shut down writing; keep reading
+        reply = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert reply == bytes(reversed(payload))
+
+
+class Source(asyncio.Protocol):
+    """Streams ``total`` bytes as fast as the peer takes them, then closes."""
+
+    CHUNK = bytes(range(256)) * 4096  # 1 MiB
+
+    def __init__(self, total: int) -> None:
+        self.left = total
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self._pump()
+
+    def _pump(self) -> None:
+        while self.left and not self.paused:
+            n = min(self.left, len(self.CHUNK))
+            self.transport.write(self.CHUNK[:n])  # type: ignore[attr-defined]
+            self.left -= n
+        if not self.left:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._pump()
+
+
+async def test_bulk_to_slow_reader_holds_bounded_bytes(tmp_path: Path) -> None:
+    total = 256 * 1024 * 1024
+    objs = [service("bulk", VIP, 8087), endpoint_slice("bulk", PORT, BACKENDS[:1])]
+    async with servers([(BACKENDS[0], PORT)], lambda ip: Source(total)), running_proxy(tmp_path, objs) as app:
+        assert app.proxier is not None
+        live = app.proxier.connections.live
+        held_max = 0
+
+        def held() -> int:
+            n = 0
+            for conn in live:
+                for side in (conn, conn.backend):
+                    if side is not None and side.transport is not None:
+                        n += side.transport.get_write_buffer_size()
+            return n
+
+        reader, writer = await asyncio.open_connection(VIP, 8087, limit=64 * 1024)
+        received = 0
+        digest = 0
+        while True:
+            chunk = await asyncio.wait_for(reader.read(256 * 1024), 10)
+            if not chunk:
+                break
+            if received % (4 * 1024 * 1024) < len(chunk):
+                # Slow reader: pause now and then so the proxy's outbound buffer fills up.
+                await asyncio.sleep(0.01)
+                held_max = max(held_max, held())
+            digest = (digest + sum(chunk[::4096])) % (1 << 32)
+            received += len(chunk)
+        writer.close()
+        assert received == total
+        assert digest == (sum(Source.CHUNK[::4096]) * 256) % (1 << 32)
+        # The proxy buffered at most about one high-water mark per direction, never megabytes.
+        assert 0 < held_max <= 2 * 1024 * 1024
+
+
+async def test_established_connection_survives_endpoint_and_service_removal(tmp_path: Path) -> None:
+    objs = [service("rev", VIP, 8088), endpoint_slice("rev", PORT, BACKENDS[:1])]
+    async with servers([(BACKENDS[0], PORT)], lambda ip: ReplyAfterEof()), running_proxy(tmp_path, objs):
+        reader, writer = await asyncio.open_connection(VIP, 8088)
+        writer.write(b"before")
+        await writer.drain()
+        write_manifests(tmp_path / "svc.yaml", [])  # the whole Service goes away
+        await eventually(lambda: refused(VIP, 8088))
+        writer.write(b" after")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b"retfa erofeb"
+        writer.close()
+
+
+@pytest.mark.parametrize("family", ["IPv6"])
+async def test_ipv6_service(tmp_path: Path, family: str) -> None:
+    objs = [service("v6", "::1", 8089), endpoint_slice("v6", PORT, ["::1"], family=family)]
+    async with servers([("::1", PORT)]), running_proxy(tmp_path, objs):
+        assert await ask("::1", 8089) == "::1"
+
+
+async def ask_from(source: str, ip: str, port: int) -> str:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port, local_addr=(source, 0)), 5)
+    try:
+        return (await asyncio.wait_for(reader.read(), 5)).decode()
+    except ConnectionResetError:
+        return "reset"
+    finally:
+        writer.close()
+
+
+async def test_load_balancer_source_ranges(tmp_path: Path) -> None:
+    lb_ip = "127.0.0.104"
+    svc = service("lb", VIP, 8090, node_port=30104, type="LoadBalancer", loadBalancerSourceRanges=["127.0.0.5/32"])
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": lb_ip, "ipMode": "VIP"}]}}
+    objs = [svc, endpoint_slice("lb", PORT, BACKENDS[:1])]
+    async with servers([(BACKENDS[0], PORT)]), running_proxy(tmp_path, objs):
+        assert await ask_from("127.0.0.5", lb_ip, 8090) == BACKENDS[0]
+        assert await ask_from("127.0.0.6", lb_ip, 8090) in ("", "reset")
+        # The ranges apply to the LB IP only: clusterIP and nodePort take anyone.
+        assert await ask_from("127.0.0.6", VIP, 8090) == BACKENDS[0]
+        assert await ask_from("127.0.0.6", "127.0.0.1", 30104) == BACKENDS[0]
+
+
+async def test_external_ips_and_proxy_mode_lb_ips(tmp_path: Path) -> None:
+    svc = service("ext", VIP, 8091, externalIPs=["127.0.0.105"])
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": "127.0.0.106", "ipMode": "Proxy"}]}}
+    objs = [svc, endpoint_slice("ext", PORT, BACKENDS[:1])]
+    async with servers([(BACKENDS[0], PORT)]), running_proxy(tmp_path, objs):
+        assert await ask("127.0.0.105", 8091) == BACKENDS[0]
+        assert await refused("127.0.0.106", 8091)  # ipMode Proxy: the LB delivers to the node
+
+
+async def test_client_ip_affinity(tmp_path: Path) -> None:
+    svc = service("sticky", VIP, 8092, sessionAffinity="ClientIP",
+                  sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}})
+    objs = [svc, endpoint_slice("sticky", PORT, BACKENDS)]
+    async with servers([(ip, PORT) for ip in BACKENDS]), running_proxy(tmp_path, objs):
+        for client in ("127.0.0.7", "127.0.0.8", "127.0.0.9"):
+            assert len({await ask_from(client, VIP, 8092) for _ in range(6)}) == 1
+        # Different clients are still spread round robin.
+        firsts = {await ask_from(f"127.0.1.{i}", VIP, 8092) for i in range(1, 7)}
+        assert firsts == set(BACKENDS)
