@@ -153,8 +153,11 @@ async def main(settings: Settings) -> int:
         waiter.cancel()
         stopper.cancel()
         logger.info("shutting down")
-    except Exception as e:
+    except OSError as e:  # typically a bind failure: say what and where, no traceback
         logger.error("svcproxy failed: %s", e)
+        code = 1
+    except Exception:
+        logger.exception("svcproxy failed")
         code = 1
     finally:
         await app.stop()
