@@ -12,7 +12,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -26,6 +26,8 @@ from proxy.sources import manifests
 from proxy.tracker import ChangeTracker
 
 logger = logging.getLogger(__name__)
+
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 
 
 class App:
@@ -87,7 +89,23 @@ class App:
             logger.info("reading Services and EndpointSlices from %s", s.manifests)
             await manifests.run(self.tracker, s.manifests, interval=s.manifest_poll_interval)
         else:
-            raise RuntimeError("no source: give --manifests (the API server source is not built yet)")
+            from proxy.sources import kube  # the API client is heavy; the embedded mode skips it
+
+            await kube.run(self.tracker, node_name=s.node_name, on_node=self._on_node,
+                           kubeconfig=s.kubeconfig, master=s.master)
+
+    def _on_node(self, node: Mapping[str, Any] | None) -> None:
+        """This node's object: a node being deleted is not eligible for /healthz (KEP-3836)."""
+        eligible = True
+        if node is not None:
+            meta = node.get("metadata") or {}
+            taints = (node.get("spec") or {}).get("taints") or []
+            eligible = not meta.get("deletionTimestamp") and not any(
+                isinstance(t, Mapping) and t.get("key") == TO_BE_DELETED_TAINT for t in taints
+            )
+        if eligible != self.health.node_eligible:
+            logger.info("node %s is %seligible for traffic", self.settings.node_name, "" if eligible else "not ")
+        self.health.node_eligible = eligible
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coro))

@@ -1,0 +1,85 @@
+"""svcproxy against the fake API server, through the real kubernetes_asyncio client and real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from proxy.app import App
+from proxy.settings import Settings
+from tests.fakeapi.server import FakeApiServer
+from tests.integration.harness import ask, endpoint_slice, eventually, refused, servers, service
+from tests.integration.test_http import get
+
+VIP = "127.0.0.140"
+BACKENDS = ["127.0.0.141", "127.0.0.142"]
+PORT = 18083
+
+
+@contextlib.asynccontextmanager
+async def proxy_on(api: FakeApiServer) -> AsyncIterator[App]:
+    app = App(Settings(
+        master=api.url, hostname_override="node-a", nodeport_addresses=("127.0.0.1/32",),
+        healthz_bind_address="127.0.0.1:0", metrics_bind_address="", vip_interface="lo",
+    ).validate())
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+def node(name: str, **meta: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, **meta}, "spec": {}}
+
+
+async def test_services_from_the_api_are_served_and_follow_changes() -> None:
+    async with FakeApiServer() as api, servers([(ip, PORT) for ip in BACKENDS]):
+        api.upsert(node("node-a"))
+        api.upsert(service("web", VIP, 8100))
+        api.upsert(endpoint_slice("web", PORT, BACKENDS[:1]))
+        async with proxy_on(api) as app:
+            await asyncio.wait_for(app.synced.wait(), 10)
+            assert await ask(VIP, 8100) == BACKENDS[0]
+
+            api.upsert(endpoint_slice("web", PORT, BACKENDS))  # scale up
+            await eventually(lambda: _answers(VIP, 8100, set(BACKENDS)))
+            api.upsert(endpoint_slice("web", PORT, BACKENDS[1:]))  # scale down
+            await eventually(lambda: _answers(VIP, 8100, {BACKENDS[1]}))
+
+            # Another proxy's Service is not ours (kube-proxy's label selector).
+            other = service("other", "127.0.0.143", 8101)
+            other["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "someone-else"}
+            api.upsert(other)
+            api.upsert(endpoint_slice("other", PORT, BACKENDS))
+            await asyncio.sleep(0.3)
+            assert await refused("127.0.0.143", 8101)
+
+            api.delete("Service", "default", "web")
+            await eventually(lambda: refused(VIP, 8100))
+
+
+async def test_node_being_deleted_fails_healthz_but_not_livez() -> None:
+    async with FakeApiServer() as api:
+        api.upsert(node("node-a"))
+        async with proxy_on(api) as app:
+            await asyncio.wait_for(app.synced.wait(), 10)
+            assert (await get(app.healthz_address, "/healthz"))[0] == 200
+            tainted = node("node-a")
+            tainted["spec"] = {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}
+            api.upsert(tainted)
+            await eventually(lambda: _code(app, "/healthz", 503))
+            body = json.loads((await get(app.healthz_address, "/healthz"))[2])
+            assert body["nodeEligible"] is False
+            assert (await get(app.healthz_address, "/livez"))[0] == 200
+
+
+async def _code(app: App, path: str, expected: int) -> bool:
+    return (await get(app.healthz_address, path))[0] == expected
+
+
+async def _answers(ip: str, port: int, expected: set[str]) -> bool:
+    return {await ask(ip, port) for _ in range(6)} == expected
