@@ -83,3 +83,45 @@ async def _code(app: App, path: str, expected: int) -> bool:
 
 async def _answers(ip: str, port: int, expected: set[str]) -> bool:
     return {await ask(ip, port) for _ in range(6)} == expected
+
+
+async def test_api_outage_keeps_traffic_flowing_and_missed_deletes_apply_after_relist() -> None:
+    async with FakeApiServer() as api, servers([(ip, PORT) for ip in BACKENDS]):
+        api.upsert(node("node-a"))
+        for name, vip in (("web", VIP), ("gone", "127.0.0.144")):
+            api.upsert(service(name, vip, 8102))
+            api.upsert(endpoint_slice(name, PORT, BACKENDS[:1]))
+        async with proxy_on(api) as app:
+            await asyncio.wait_for(app.synced.wait(), 10)
+            assert await ask("127.0.0.144", 8102) == BACKENDS[0]
+
+            await api.set_down(True)
+            # While the API server is away, svcproxy keeps forwarding with its last state.
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 10
+            served = 0
+            while loop.time() < end:
+                assert await ask(VIP, 8102) == BACKENDS[0]
+                served += 1
+                await asyncio.sleep(0.2)
+            assert served > 20
+            # Meanwhile: "gone" is deleted and history compacted, so the watch must relist (410).
+            api.delete("Service", "default", "gone")
+            api.compact()
+            await api.set_down(False)
+
+            await eventually(lambda: refused("127.0.0.144", 8102), timeout=15)
+            api.upsert(endpoint_slice("web", PORT, BACKENDS))  # and updates flow again
+            await eventually(lambda: _answers(VIP, 8102, set(BACKENDS)), timeout=5)
+
+
+async def test_malformed_object_from_the_api_is_skipped() -> None:
+    async with FakeApiServer() as api, servers([(BACKENDS[0], PORT)]):
+        api.upsert(node("node-a"))
+        bad = service("bad", "not-an-ip", 8103)
+        api.upsert(bad)
+        api.upsert(service("web", VIP, 8103))
+        api.upsert(endpoint_slice("web", PORT, BACKENDS[:1]))
+        async with proxy_on(api) as app:
+            await asyncio.wait_for(app.synced.wait(), 10)
+            assert await ask(VIP, 8103) == BACKENDS[0]
