@@ -67,7 +67,7 @@ class App:
         await vips.adopt()
         self.proxier = Proxier(
             loop=loop, tracker=self.tracker, vips=vips, health=self.health,
-            node_name=s.node_name, nodeport_cidrs=s.nodeport_addresses,
+            node_name=s.node_name, nodeport_cidrs=s.nodeport_addresses, udp_idle_timeout=s.udp_idle_timeout,
         )
         self._collector = metrics.TrackerCollector(self.tracker, self._last_queued_wall)
         metrics.REGISTRY.register(self._collector)

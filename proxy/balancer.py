@@ -17,7 +17,7 @@ from proxy.model import Endpoint
 class Pool:
     """Round robin over a set of endpoints; ``pick`` returns None when there are none."""
 
-    __slots__ = ("_affinity", "_clock", "_cursor", "_rng", "affinity_timeout", "endpoints")
+    __slots__ = ("_affinity", "_clock", "_cursor", "_rng", "affinity_timeout", "endpoints", "members")
 
     def __init__(
         self,
@@ -33,6 +33,8 @@ class Pool:
         self._affinity: dict[str, tuple[Endpoint, float]] = {}
         self.affinity_timeout = affinity_timeout
         self.endpoints: tuple[Endpoint, ...] = ()
+        self.members: frozenset[Endpoint] = frozenset()
+        """The endpoints as a set: UDP flows check their endpoint is still in the pool."""
         self.update(endpoints, affinity_timeout)
 
     def update(self, endpoints: tuple[Endpoint, ...], affinity_timeout: int) -> None:
@@ -40,13 +42,14 @@ class Pool:
         if affinity_timeout != self.affinity_timeout:
             self.affinity_timeout = affinity_timeout
             self._affinity.clear()
-        if set(endpoints) == set(self.endpoints):
+        members = frozenset(endpoints)
+        if members == self.members:
             return
         shuffled = list(endpoints)
         self._rng.shuffle(shuffled)
         self.endpoints = tuple(shuffled)
+        self.members = members
         self._cursor = 0
-        members = set(endpoints)
         self._affinity = {ip: v for ip, v in self._affinity.items() if v[0] in members}
 
     def pick(self, client_ip: str | None = None, exclude: Collection[Endpoint] = ()) -> Endpoint | None:

@@ -50,6 +50,8 @@ def daemon_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-period", type=_duration, default=30.0, help="periodic resync (default 30s)")
     p.add_argument("--min-sync-period", type=_duration, default=0.0,
                    help="least time between syncs (default 0: apply each change at once)")
+    p.add_argument("--udp-idle-timeout", type=_duration, default=30.0,
+                   help="close a UDP flow after this long without a datagram (default 30s)")
     p.add_argument("--drain-timeout", type=_duration, default=10.0,
                    help="on SIGTERM, how long live connections may finish (default 10s)")
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log verbosity (klog style; 4+ = debug)")
@@ -69,6 +71,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         vip_interface=args.vip_interface,
         sync_period=args.sync_period,
         min_sync_period=args.min_sync_period,
+        udp_idle_timeout=args.udp_idle_timeout,
         drain_timeout=args.drain_timeout,
     ).validate()
 

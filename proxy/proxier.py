@@ -12,6 +12,7 @@ from proxy import metrics
 from proxy.balancer import Pool
 from proxy.dataplane import tcp
 from proxy.dataplane.listeners import Listeners
+from proxy.dataplane.target import Target
 from proxy.dataplane.vip import Vips
 from proxy.health import ProxierHealth
 from proxy.plan import ListenerKey, ListenerSpec, Node, Plan, PoolKey, Table
@@ -30,6 +31,7 @@ class Proxier:
         health: ProxierHealth,
         node_name: str,
         nodeport_cidrs: Sequence[str] = (),
+        udp_idle_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tracker = tracker
@@ -39,7 +41,7 @@ class Proxier:
         self._nodeport_cidrs = [ipaddress.ip_network(c, strict=False) for c in nodeport_cidrs]
         self._clock = clock
         self.connections = tcp.Connections()
-        self.listeners = Listeners(loop, self.connections)
+        self.listeners = Listeners(loop, self.connections, udp_idle_timeout=udp_idle_timeout)
         self.pools: dict[PoolKey, Pool] = {}
         self.table = Table(Node(node_name, ()))
         self._failed: dict[ListenerKey, ListenerSpec] = {}
@@ -106,14 +108,14 @@ class Proxier:
 
     async def _open(self, spec: ListenerSpec) -> None:
         key = spec.key
-        if key.protocol != "TCP":
+        if key.protocol not in ("TCP", "UDP"):
             if key.protocol not in self._unsupported_logged:
                 self._unsupported_logged.add(key.protocol)
-                logger.warning("%s service ports are not supported yet; not serving %s", key.protocol, key)
+                logger.warning("%s service ports are not supported; not serving %s", key.protocol, key)
             return
-        target = tcp.Target(str(spec.pool.name), self.pools[spec.pool], spec.source_ranges)
+        target = Target(str(spec.pool.name), self.pools[spec.pool], spec.source_ranges)
         try:
-            await self.listeners.open_tcp(key, target)
+            await self.listeners.open_listener(key, target)
         except OSError as e:
             if key not in self._failed:
                 logger.error("%s: cannot listen on %s: %s (will retry)", spec.pool.name, key, e.strerror or e)

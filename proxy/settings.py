@@ -31,6 +31,8 @@ class Settings:
     min_sync_period: float = 0.0
     """svcproxy syncs incrementally, so by default a change is applied at once (kube-proxy: 1 s)."""
     manifest_poll_interval: float = 0.5
+    udp_idle_timeout: float = 30.0
+    """A UDP flow with no datagram either way for this long is closed (conntrack's UDP default)."""
     drain_timeout: float = 10.0
     """Seconds SIGTERM lets live connections finish before they are closed."""
 
@@ -48,6 +50,8 @@ class Settings:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 raise SettingsError(f"--nodeport-addresses: {cidr!r} is not a CIDR") from None
+        if self.udp_idle_timeout <= 0:
+            raise SettingsError("--udp-idle-timeout must be positive")
         if self.sync_period <= 0:
             raise SettingsError("--sync-period must be positive")
         if self.min_sync_period < 0 or self.min_sync_period > self.sync_period:

@@ -1,7 +1,7 @@
 """Listening sockets: one per (address, port, protocol), each forwarding to a Target.
 
 Sockets use SO_REUSEPORT so a new svcproxy can bind next to an old one during a restart and no
-connection is refused. Closing a listener never touches the connections it accepted.
+connection is refused. Closing a TCP listener never touches the connections it accepted.
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
-from proxy.dataplane import tcp
+from proxy.dataplane import tcp, udp
+from proxy.dataplane.target import Target
 from proxy.plan import ListenerKey
 
 logger = logging.getLogger(__name__)
@@ -36,24 +38,36 @@ def listening_socket(key: ListenerKey) -> socket.socket:
 
 
 class Listener:
-    __slots__ = ("key", "server", "target")
+    __slots__ = ("close", "key", "target", "udp")
 
-    def __init__(self, key: ListenerKey, target: tcp.Target, server: asyncio.AbstractServer) -> None:
+    def __init__(self, key: ListenerKey, target: Target, close: Callable[[], None],
+                 udp_frontend: udp.Frontend | None = None) -> None:
         self.key = key
         self.target = target
-        self.server = server
+        self.close = close
+        self.udp = udp_frontend
 
 
 class Listeners:
     """The open listeners, keyed by address, port and protocol."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, connections: tcp.Connections) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, connections: tcp.Connections, *,
+                 udp_idle_timeout: float = udp.DEFAULT_IDLE_TIMEOUT) -> None:
         self._loop = loop
         self._connections = connections
+        self._udp_idle_timeout = udp_idle_timeout
         self.open: dict[ListenerKey, Listener] = {}
 
-    async def open_tcp(self, key: ListenerKey, target: tcp.Target) -> None:
-        """Bind and start accepting; raises OSError when the address cannot be bound."""
+    async def open_listener(self, key: ListenerKey, target: Target) -> None:
+        """Bind and start serving; raises OSError when the address cannot be bound."""
+        if key.protocol == "TCP":
+            await self._open_tcp(key, target)
+        elif key.protocol == "UDP":
+            await self._open_udp(key, target)
+        else:
+            raise ValueError(f"unsupported protocol {key.protocol}")
+
+    async def _open_tcp(self, key: ListenerKey, target: Target) -> None:
         sock = listening_socket(key)
         try:
             server = await self._loop.create_server(
@@ -62,12 +76,22 @@ class Listeners:
         except BaseException:
             sock.close()
             raise
-        self.open[key] = Listener(key, target, server)
+        self.open[key] = Listener(key, target, server.close)
+
+    async def _open_udp(self, key: ListenerKey, target: Target) -> None:
+        sock = udp.bound_socket(key.ip, key.port)
+        frontend = udp.Frontend(target, self._loop, self._udp_idle_timeout)
+        try:
+            await self._loop.create_datagram_endpoint(lambda: frontend, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self.open[key] = Listener(key, target, frontend.close, frontend)
 
     def close(self, key: ListenerKey) -> None:
         listener = self.open.pop(key, None)
         if listener is not None:
-            listener.server.close()
+            listener.close()
 
     def close_all(self) -> None:
         for key in list(self.open):

@@ -13,12 +13,12 @@ Built on ``asyncio.Protocol`` callbacks (no streams, no per-chunk coroutines):
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import Callable
 from typing import cast
 
 from proxy.balancer import Pool
+from proxy.dataplane.target import Target
 from proxy.model import Endpoint
 
 logger = logging.getLogger(__name__)
@@ -26,27 +26,6 @@ logger = logging.getLogger(__name__)
 DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
-
-
-class Target:
-    """What a listener forwards to. Mutated in place on retarget; accepts read it per connection."""
-
-    __slots__ = ("allowed", "name", "pool")
-
-    def __init__(self, name: str, pool: Pool, source_ranges: tuple[str, ...] | None = None) -> None:
-        self.name = name
-        self.pool = pool
-        self.allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
-        self.set_source_ranges(source_ranges)
-
-    def set_source_ranges(self, ranges: tuple[str, ...] | None) -> None:
-        self.allowed = None if ranges is None else tuple(ipaddress.ip_network(r) for r in ranges)
-
-    def admits(self, client_ip: str) -> bool:
-        if self.allowed is None:
-            return True
-        addr = ipaddress.ip_address(client_ip)
-        return any(addr in net for net in self.allowed)
 
 
 class Connections:

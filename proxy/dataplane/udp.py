@@ -1,0 +1,155 @@
+"""UDP forwarding: a flow per client address, each with a connected socket to its endpoint.
+
+The frontend socket is bound to the service address, so replies leave from it (what a DNS
+client checks). A flow's socket is a plain non-blocking socket watched with ``add_reader``:
+connecting a UDP socket is instant, so no coroutine or task is needed per flow. Datagrams are
+read whole (up to 64 KiB, never truncated). A flow ends when idle for ``idle_timeout`` or when
+its endpoint leaves the pool: the client's next datagram then goes to a current endpoint
+(kube-proxy's stale-conntrack problem does not arise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import cast
+
+from proxy.dataplane.target import Target
+from proxy.model import Endpoint
+
+logger = logging.getLogger(__name__)
+
+MAX_DATAGRAM = 65535
+DEFAULT_IDLE_TIMEOUT = 30.0
+Address = tuple[str, int] | tuple[str, int, int, int]
+
+
+class Flow:
+    __slots__ = ("client", "endpoint", "frontend", "last_seen", "sock")
+
+    def __init__(self, frontend: Frontend, client: Address, endpoint: Endpoint, now: float) -> None:
+        self.frontend = frontend
+        self.client = client
+        self.endpoint = endpoint
+        self.last_seen = now
+        family = socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.setblocking(False)
+            self.sock.connect((endpoint.ip, endpoint.port))
+        except BaseException:
+            self.sock.close()
+            raise
+        frontend.loop.add_reader(self.sock.fileno(), self._readable)
+
+    def send(self, data: bytes, now: float) -> None:
+        self.last_seen = now
+        try:
+            self.sock.send(data)
+        except (BlockingIOError, ConnectionRefusedError):
+            pass  # UDP: a full buffer or an ICMP error from an earlier datagram just loses this one
+        except OSError as e:
+            logger.debug("%s: send to %s:%d failed: %s", self.frontend.target.name, self.endpoint.ip,
+                         self.endpoint.port, e)
+
+    def _readable(self) -> None:
+        transport = self.frontend.transport
+        for _ in range(64):  # bounded, so one busy flow cannot starve the loop
+            try:
+                data = self.sock.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # e.g. ECONNREFUSED surfaced from an ICMP error: nothing to relay
+            if transport is None:
+                return
+            self.last_seen = self.frontend.loop.time()
+            transport.sendto(data, self.client)
+
+    def close(self) -> None:
+        self.frontend.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+class Frontend(asyncio.DatagramProtocol):
+    """One UDP service address: receives client datagrams and relays them through flows."""
+
+    def __init__(self, target: Target, loop: asyncio.AbstractEventLoop, idle_timeout: float) -> None:
+        self.target = target
+        self.loop = loop
+        self.idle_timeout = idle_timeout
+        self.flows: dict[Address, Flow] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        self._schedule_sweep()
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        now = self.loop.time()
+        flow = self.flows.get(addr)
+        pool = self.target.pool
+        if flow is not None and flow.endpoint not in pool.members:
+            flow.close()  # its endpoint is gone: start over on a current one
+            del self.flows[addr]
+            flow = None
+        if flow is None:
+            if not self.target.admits(addr[0]):
+                return
+            endpoint = pool.pick(addr[0])
+            if endpoint is None:
+                return
+            try:
+                flow = Flow(self, addr, endpoint, now)
+            except OSError as e:
+                logger.warning("%s: cannot open a flow to %s:%d: %s", self.target.name, endpoint.ip, endpoint.port, e)
+                return
+            self.flows[addr] = flow
+        flow.send(data, now)
+
+    def error_received(self, exc: Exception) -> None:
+        logger.debug("%s: %s", self.target.name, exc)
+
+    def _schedule_sweep(self) -> None:
+        self._sweeper = self.loop.call_later(max(self.idle_timeout / 2, 0.05), self.sweep)
+
+    def sweep(self) -> None:
+        """Close flows idle too long or whose endpoint left the pool."""
+        cutoff = self.loop.time() - self.idle_timeout
+        members = self.target.pool.members
+        for addr, flow in list(self.flows.items()):
+            if flow.last_seen < cutoff or flow.endpoint not in members:
+                flow.close()
+                del self.flows[addr]
+        if self.transport is not None:
+            self._schedule_sweep()
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for flow in self.flows.values():
+            flow.close()
+        self.flows.clear()
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+
+def bound_socket(ip: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # restarts overlap, as for TCP
+        if ":" in ip:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((ip, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
