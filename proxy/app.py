@@ -28,6 +28,7 @@ from proxy.tracker import ChangeTracker
 logger = logging.getLogger(__name__)
 
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
 class App:
@@ -87,7 +88,8 @@ class App:
         s = self.settings
         if s.manifests is not None:
             logger.info("reading Services and EndpointSlices from %s", s.manifests)
-            await manifests.run(self.tracker, s.manifests, interval=s.manifest_poll_interval)
+            await manifests.run(self.tracker, s.manifests, interval=s.manifest_poll_interval,
+                                node_name=s.node_name, on_node=self._on_node)
         else:
             from proxy.sources import kube  # the API client is heavy; the embedded mode skips it
 
@@ -95,9 +97,13 @@ class App:
                            kubeconfig=s.kubeconfig, master=s.master)
 
     def _on_node(self, node: Mapping[str, Any] | None) -> None:
-        """This node's object: a node being deleted is not eligible for /healthz (KEP-3836)."""
+        """This node's object: its zone label feeds topology hints, and a node being deleted is
+        not eligible for /healthz (KEP-3836)."""
         eligible = True
+        zone = ""
         if node is not None:
+            labels = (node.get("metadata") or {}).get("labels") or {}
+            zone = str(labels.get(ZONE_LABEL, ""))
             meta = node.get("metadata") or {}
             taints = (node.get("spec") or {}).get("taints") or []
             eligible = not meta.get("deletionTimestamp") and not any(
@@ -106,6 +112,10 @@ class App:
         if eligible != self.health.node_eligible:
             logger.info("node %s is %seligible for traffic", self.settings.node_name, "" if eligible else "not ")
         self.health.node_eligible = eligible
+        if self.proxier is not None and zone != self.proxier.node_zone:
+            logger.info("node %s is in zone %r", self.settings.node_name, zone)
+            self.proxier.node_zone = zone
+            self.runner.request()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coro))

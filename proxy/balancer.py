@@ -62,12 +62,13 @@ class Pool:
         eps = self.endpoints
         if not eps:
             return None
-        if self.affinity_timeout and client_ip is not None and not exclude:
+        if self.affinity_timeout and client_ip is not None:
             now = self._clock()
             entry = self._affinity.get(client_ip)
-            if entry is not None and now - entry[1] < self.affinity_timeout:
+            if not exclude and entry is not None and now - entry[1] < self.affinity_timeout:
                 self._affinity[client_ip] = (entry[0], now)  # sliding window
                 return entry[0]
+            # A failover re-pins the client to the endpoint it is now sent to.
             ep = self._next(exclude)
             self._affinity[client_ip] = (ep, now)
             return ep

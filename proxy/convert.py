@@ -151,9 +151,10 @@ def service_state_ports(obj: Mapping[str, Any]) -> tuple[ServicePort, ...] | Non
     if cluster_ip in ("", "None"):
         return None
 
-    raw_ips = f.seq(spec, "clusterIPs", "spec.clusterIPs") or [cluster_ip]
+    primary = f.ip(cluster_ip, "spec.clusterIP")[0]
+    raw_ips = f.seq(spec, "clusterIPs", "spec.clusterIPs") or [primary]
     cluster_ips = tuple(f.ip(ip, f"spec.clusterIPs[{i}]")[0] for i, ip in enumerate(raw_ips))
-    if f.ip(cluster_ip, "spec.clusterIP")[0] != cluster_ips[0]:
+    if primary != cluster_ips[0]:
         raise f.fail("spec.clusterIPs[0]", "must equal spec.clusterIP")
     external_ips = tuple(
         f.ip(ip, f"spec.externalIPs[{i}]")[0]

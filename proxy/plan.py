@@ -58,6 +58,8 @@ class Node:
     name: str
     nodeport_addresses: tuple[str, ...]
     """The addresses nodePorts are bound on, each individually."""
+    zone: str = ""
+    """The Node's ``topology.kubernetes.io/zone`` label, for zone hints."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -71,10 +73,15 @@ class Plan:
     """Pools no listener uses any more; dropped after listeners close."""
     add_vips: set[str] = dataclasses.field(default_factory=set)
     remove_vips: set[str] = dataclasses.field(default_factory=set)
+    health_open: list[tuple[ListenerKey, NamespacedName]] = dataclasses.field(default_factory=list)
+    health_close: list[ListenerKey] = dataclasses.field(default_factory=list)
+    local_endpoints: dict[NamespacedName, int] = dataclasses.field(default_factory=dict)
+    """New local-endpoint counts for health checks."""
 
     def __bool__(self) -> bool:
         return any((self.pools, self.open, self.retarget, self.close, self.drop_pools,
-                    self.add_vips, self.remove_vips))
+                    self.add_vips, self.remove_vips, self.health_open, self.health_close,
+                    self.local_endpoints))
 
 
 def family_of(ip: str) -> Family:
@@ -82,14 +89,51 @@ def family_of(ip: str) -> Family:
 
 
 def usable_endpoints(
-    endpoints: Iterable[Endpoint], family: Family, policy: Policy, node: str
+    endpoints: Iterable[Endpoint], family: Family, policy: Policy, node: str, zone: str = ""
 ) -> tuple[Endpoint, ...]:
-    """kube-proxy's endpoint choice: ready ones; if none, serving+terminating ones (per policy)."""
+    """kube-proxy's CategorizeEndpoints for one family and one policy.
+
+    Cluster: ready endpoints, narrowed by topology hints when they apply; if none, the
+    serving+terminating ones. Local: this node's ready endpoints; if none, its serving+terminating
+    ones. Topology never applies to Local (the local policy already is the narrowest).
+    """
     candidates = [e for e in endpoints if e.family == family and (policy is Policy.CLUSTER or e.node_name == node)]
-    ready = tuple(e for e in candidates if e.ready)
+    ready = [e for e in candidates if e.ready]
+    if ready and policy is Policy.CLUSTER:
+        mode = topology_mode(ready, node, zone)
+        if mode == PREFER_SAME_NODE:
+            ready = [e for e in ready if e.node_hints and node in e.node_hints]
+        elif mode == PREFER_SAME_ZONE:
+            ready = [e for e in ready if e.zone_hints and zone in e.zone_hints]
     if ready:
-        return ready
+        return tuple(ready)
     return tuple(e for e in candidates if e.serving and e.terminating)
+
+
+PREFER_SAME_NODE = "PreferSameNode"
+PREFER_SAME_ZONE = "PreferSameZone"
+
+
+def topology_mode(ready: Iterable[Endpoint], node: str, zone: str) -> str:
+    """Which hints to follow: node hints if every ready endpoint has one and one names this node;
+    else zone hints likewise; else none. A mode is only chosen when it leaves an endpoint, so
+    there is no fallback after filtering (kube-proxy's topologyModeFromHints)."""
+    all_node = all_zone = True
+    for_node = for_zone = False
+    for e in ready:
+        if not e.node_hints:
+            all_node = False
+        elif node in e.node_hints:
+            for_node = True
+        if not e.zone_hints:
+            all_zone = False
+        elif zone and zone in e.zone_hints:
+            for_zone = True
+    if all_node and for_node:
+        return PREFER_SAME_NODE
+    if all_zone and for_zone:
+        return PREFER_SAME_ZONE
+    return ""
 
 
 def service_vips(ports: Iterable[ServicePort]) -> set[str]:
@@ -112,7 +156,8 @@ def desired(state: ServiceState, node: Node) -> tuple[dict[ListenerKey, Listener
             family = family_of(ip)
             pool = PoolKey(sp.name, family, policy)
             if pool not in pools:
-                pools[pool] = PoolSpec(usable_endpoints(eps, family, policy, node.name), sp.affinity_timeout)
+                pools[pool] = PoolSpec(usable_endpoints(eps, family, policy, node.name, node.zone),
+                                       sp.affinity_timeout)
             if pools[pool].endpoints:
                 key = ListenerKey(ip, port, sp.protocol)
                 allowed = tuple(r for r in ranges if family_of(r) == family) if ranges else None
@@ -134,48 +179,75 @@ def desired(state: ServiceState, node: Node) -> tuple[dict[ListenerKey, Listener
 class Table:
     """What has been planned so far, so each sync plans only the Services that changed.
 
-    Listener keys are claimed by the first Service that asks; a second Service asking for the same
-    address and port is logged and not served there (a conflict kube-proxy would also report).
+    Several Services may want the same address and port; the one that asked first gets it (a
+    conflict kube-proxy would also report), and when it lets go the next one in line takes over.
     """
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.services: dict[NamespacedName, ServiceState] = {}
         self.listeners: dict[ListenerKey, ListenerSpec] = {}
-        self.owner: dict[ListenerKey, NamespacedName] = {}
+        """The listener each key serves: the spec of the first Service that wants it."""
         self.pools: dict[PoolKey, PoolSpec] = {}
+        self.health: dict[ListenerKey, NamespacedName] = {}
+        """healthCheckNodePort servers (externalTrafficPolicy: Local) and the Service each reports."""
+        self.local_endpoints: dict[NamespacedName, int] = {}
+        """Local ready endpoints per Service with a health server: what its health check reports."""
+        self._wants: dict[ListenerKey, dict[NamespacedName, ListenerSpec]] = {}
         self._vip_refs: dict[str, int] = {}
         self._svc_listeners: dict[NamespacedName, set[ListenerKey]] = {}
         self._svc_pools: dict[NamespacedName, set[PoolKey]] = {}
+        self._svc_health: dict[NamespacedName, set[ListenerKey]] = {}
 
     @property
     def vips(self) -> set[str]:
         return set(self._vip_refs)
 
+    @property
+    def owner(self) -> dict[ListenerKey, NamespacedName]:
+        """Which Service each listener serves."""
+        return {k: spec.pool.name.service for k, spec in self.listeners.items()}
+
     def update(self, changes: Mapping[NamespacedName, ServiceState], *, force: bool = False) -> Plan:
         plan = Plan()
+        touched: set[ListenerKey] = set()
         for key, state in changes.items():
             old = self.services.get(key, ServiceState())
             if state == old and not force:
                 continue
-            self._update_service(key, old, state, plan)
-        # A key opened and closed in one plan (moved between Services) is a retarget.
-        reopened = {s.key for s in plan.open} & set(plan.close)
-        if reopened:
-            plan.close = [k for k in plan.close if k not in reopened]
-            plan.retarget += [s for s in plan.open if s.key in reopened]
-            plan.open = [s for s in plan.open if s.key not in reopened]
+            touched |= self._update_service(key, old, state, plan)
+        for lkey in sorted(touched):
+            self._settle(lkey, plan)
         plan.add_vips, plan.remove_vips = plan.add_vips - plan.remove_vips, plan.remove_vips - plan.add_vips
         dropped = set(plan.drop_pools) - set(plan.pools)
         plan.drop_pools = [p for p in plan.drop_pools if p in dropped]
         return plan
 
     def set_node(self, node: Node) -> Plan:
-        """Replan every Service for new node facts (the nodePort addresses changed)."""
+        """Replan every Service for new node facts (nodePort addresses or zone changed)."""
         self.node = node
         return self.update(dict(self.services), force=True)
 
-    def _update_service(self, key: NamespacedName, old: ServiceState, new: ServiceState, plan: Plan) -> None:
+    def _settle(self, lkey: ListenerKey, plan: Plan) -> None:
+        """Give a listener key to the first Service that still wants it; plan the difference."""
+        wants = self._wants.get(lkey, {})
+        new = next(iter(wants.values()), None)
+        old = self.listeners.get(lkey)
+        if len(wants) > 1:
+            first, *others = wants
+            logger.error("%s is wanted by %s; %s has it", lkey, ", ".join(map(str, others)), first)
+        if new == old:
+            return
+        if new is None:
+            del self.listeners[lkey]
+            plan.close.append(lkey)
+            return
+        self.listeners[lkey] = new
+        (plan.open if old is None else plan.retarget).append(new)
+
+    def _update_service(
+        self, key: NamespacedName, old: ServiceState, new: ServiceState, plan: Plan
+    ) -> set[ListenerKey]:
         new_listeners, new_pools = desired(new, self.node)
 
         for vip in service_vips(new.ports) - service_vips(old.ports):
@@ -196,30 +268,57 @@ class Table:
             del self.pools[pool]
             plan.drop_pools.append(pool)
 
-        owned = self._svc_listeners.get(key, set())
-        for lkey in owned - set(new_listeners):
-            del self.listeners[lkey]
-            del self.owner[lkey]
-            plan.close.append(lkey)
-        claimed = set()
+        touched = set()
+        for lkey in self._svc_listeners.get(key, set()) - set(new_listeners):
+            wants = self._wants[lkey]
+            del wants[key]
+            if not wants:
+                del self._wants[lkey]
+            touched.add(lkey)
         for lkey, spec in new_listeners.items():
-            holder = self.owner.get(lkey)
-            if holder is not None and holder != key:
-                logger.error("%s wants %s, which %s already uses; not serving it there", key, lkey, holder)
-                continue
-            claimed.add(lkey)
-            if holder is None:
-                plan.open.append(spec)
-            elif self.listeners[lkey] != spec:
-                plan.retarget.append(spec)
-            self.listeners[lkey] = spec
-            self.owner[lkey] = key
+            wants = self._wants.setdefault(lkey, {})
+            if wants.get(key) != spec:
+                wants[key] = spec  # an update keeps the Service's place in line
+                touched.add(lkey)
 
+        self._update_health(key, new, plan)
         if new.ports:
             self.services[key] = new
-            self._svc_listeners[key] = claimed
+            self._svc_listeners[key] = set(new_listeners)
             self._svc_pools[key] = set(new_pools)
         else:
             self.services.pop(key, None)
             self._svc_listeners.pop(key, None)
             self._svc_pools.pop(key, None)
+        return touched
+
+    def _update_health(self, key: NamespacedName, state: ServiceState, plan: Plan) -> None:
+        """The healthCheckNodePort server of an externalTrafficPolicy: Local Service."""
+        port = next((sp.health_check_node_port for sp in state.ports
+                     if sp.external_policy is Policy.LOCAL and sp.health_check_node_port), 0)
+        wanted = {ListenerKey(ip, port, "TCP") for ip in self.node.nodeport_addresses} if port else set()
+        for hkey in self._svc_health.get(key, set()) - wanted:
+            del self.health[hkey]
+            plan.health_close.append(hkey)
+        for hkey in sorted(wanted - self._svc_health.get(key, set())):
+            holder = self.health.setdefault(hkey, key)
+            if holder != key:
+                logger.error("%s wants health check port %s, which %s already uses", key, hkey, holder)
+                wanted.discard(hkey)
+                continue
+            plan.health_open.append((hkey, key))
+        if wanted:
+            self._svc_health[key] = wanted
+            count = local_ready_endpoints(state, self.node.name)
+            if self.local_endpoints.get(key) != count:
+                self.local_endpoints[key] = count
+                plan.local_endpoints[key] = count
+        else:
+            self._svc_health.pop(key, None)
+            self.local_endpoints.pop(key, None)
+
+
+def local_ready_endpoints(state: ServiceState, node: str) -> int:
+    """What a health check reports: this node's ready endpoints (kube-proxy counts ready only, so a
+    node with only terminating pods says 503 while it still forwards to them)."""
+    return max((sum(1 for e in eps if e.ready and e.node_name == node) for _, eps in state.endpoints), default=0)

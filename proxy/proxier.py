@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from proxy import metrics
 from proxy.balancer import Pool
 from proxy.dataplane import tcp
+from proxy.dataplane.healthcheck import ServiceHealthServers
 from proxy.dataplane.listeners import Listeners
 from proxy.dataplane.target import Target
 from proxy.dataplane.vip import Vips
@@ -38,12 +39,15 @@ class Proxier:
         self.vips = vips
         self.health = health
         self._node_name = node_name
+        self.node_zone = ""
+        """This node's topology.kubernetes.io/zone label (from its Node object), for zone hints."""
         self._nodeport_cidrs = [ipaddress.ip_network(c, strict=False) for c in nodeport_cidrs]
         self._clock = clock
         self.connections = tcp.Connections()
         self.listeners = Listeners(loop, self.connections, udp_idle_timeout=udp_idle_timeout)
         self.pools: dict[PoolKey, Pool] = {}
         self.table = Table(Node(node_name, ()))
+        self.health_servers = ServiceHealthServers(health.healthy)
         self._failed: dict[ListenerKey, ListenerSpec] = {}
         self._unsupported_logged: set[str] = set()
 
@@ -60,7 +64,7 @@ class Proxier:
             return
         start = self._clock()
         plans = []
-        node = Node(self._node_name, await self.nodeport_addresses())
+        node = Node(self._node_name, await self.nodeport_addresses(), self.node_zone)
         if node != self.table.node:
             plans.append(self.table.set_node(node))
         plans.append(self.table.update(self.tracker.checkout()))
@@ -101,6 +105,14 @@ class Proxier:
         for key in plan.close:
             self._failed.pop(key, None)
             self.listeners.close(key)
+        self.health_servers.local_endpoints.update(plan.local_endpoints)
+        for hkey in plan.health_close:
+            await self.health_servers.close(hkey)
+        for hkey, service in plan.health_open:
+            try:
+                await self.health_servers.open(hkey, service)
+            except OSError as e:
+                logger.error("%s: cannot serve its health check on %s: %s", service, hkey, e.strerror or e)
         for dropped in plan.drop_pools:
             self.pools.pop(dropped, None)
         if plan.remove_vips:
@@ -134,6 +146,7 @@ class Proxier:
     async def shutdown(self, *, drain_seconds: float, remove_vips: bool = True) -> None:
         """Stop accepting, let live connections finish for up to ``drain_seconds``, then cut them."""
         self.listeners.close_all()
+        await self.health_servers.close_all()
         if self.connections.live:
             logger.info("draining %d connections for up to %.0fs", len(self.connections.live), drain_seconds)
             try:

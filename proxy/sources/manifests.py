@@ -2,7 +2,8 @@
 
 ``--manifests PATH`` names a file or a directory (read recursively, hidden entries skipped, so a
 mounted ConfigMap's ``..data`` links are not read twice). Files are multi-document and may hold
-``Service``, ``EndpointSlice`` and ``List`` objects. Files are polled for changes; a file that
+``Service``, ``EndpointSlice`` and ``List`` objects, and this node's ``Node`` (its zone label and
+deletion state matter, as from the API). Files are polled for changes; a file that
 fails to parse is reported with its line and keeps the objects it last had, so a half-saved edit
 never takes a service down.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from proxy.tracker import ENDPOINT_SLICES, SERVICES
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml", ".json")
-KINDS = (SERVICES, ENDPOINT_SLICES)
+NODES = "Node"
+KINDS = (SERVICES, ENDPOINT_SLICES, NODES)
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 ObjKey = tuple[str, NamespacedName]
@@ -65,7 +67,11 @@ def parse(path: Path, text: str) -> dict[ObjKey, dict[str, Any]]:
             if not isinstance(name, str) or not name:
                 raise ManifestError(f"{path}: document {i}: {kind} has no metadata.name")
             namespace = meta.get("namespace") if isinstance(meta, Mapping) else None
-            key = NamespacedName(namespace if isinstance(namespace, str) and namespace else "default", name)
+            if kind == NODES:
+                namespace = ""  # cluster-scoped
+            elif not (isinstance(namespace, str) and namespace):
+                namespace = "default"
+            key = NamespacedName(str(namespace or ""), name)
             objects[(kind, key)] = obj
     return objects
 
@@ -137,17 +143,33 @@ class ManifestSet:
         return changed, deleted
 
 
-def deliver(handler: Handler, changed: Mapping[ObjKey, Mapping[str, Any]], deleted: list[ObjKey]) -> None:
+OnNode = Callable[[Mapping[str, Any] | None], None]
+
+
+def deliver(handler: Handler, changed: Mapping[ObjKey, Mapping[str, Any]], deleted: list[ObjKey], *,
+            node_name: str = "", on_node: OnNode | None = None) -> None:
     for (kind, key) in deleted:
-        (handler.on_service if kind == SERVICES else handler.on_endpoint_slice)(key, None)
+        _route(handler, kind, key, None, node_name, on_node)
     for (kind, key), obj in changed.items():
-        (handler.on_service if kind == SERVICES else handler.on_endpoint_slice)(key, obj)
+        _route(handler, kind, key, obj, node_name, on_node)
 
 
-async def run(handler: Handler, root: Path, *, interval: float = 0.5) -> None:
-    """Feed ``handler`` from the files under ``root`` until cancelled."""
+def _route(handler: Handler, kind: str, key: NamespacedName, obj: Mapping[str, Any] | None,
+           node_name: str, on_node: OnNode | None) -> None:
+    if kind == SERVICES:
+        handler.on_service(key, obj)
+    elif kind == ENDPOINT_SLICES:
+        handler.on_endpoint_slice(key, obj)
+    elif on_node is not None and key.name == node_name:
+        on_node(obj)
+
+
+async def run(handler: Handler, root: Path, *, interval: float = 0.5, node_name: str = "",
+              on_node: OnNode | None = None) -> None:
+    """Feed ``handler`` (and ``on_node``, for the Node named ``node_name``) from the files under
+    ``root`` until cancelled."""
     manifests = ManifestSet(root)
-    deliver(handler, *manifests.scan())
+    deliver(handler, *manifests.scan(), node_name=node_name, on_node=on_node)
     handler.on_synced(SERVICES)
     handler.on_synced(ENDPOINT_SLICES)
     while True:
@@ -155,4 +177,4 @@ async def run(handler: Handler, root: Path, *, interval: float = 0.5) -> None:
         changed, deleted = manifests.scan()
         if changed or deleted:
             logger.info("manifests changed: %d objects added or updated, %d removed", len(changed), len(deleted))
-            deliver(handler, changed, deleted)
+            deliver(handler, changed, deleted, node_name=node_name, on_node=on_node)
