@@ -1,0 +1,108 @@
+"""The rendered DaemonSet (base and kind overlay): security, node-proxy settings, and its args
+parsed by svcproxy's own CLI parser, so the manifests cannot drift from the flags."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from proxy import cli
+from tests.deploy.conftest import Obj, container_env, daemonset_container, expand, only
+
+HEALTHZ_PORT = 10256
+
+
+def pod_spec(objs: list[Obj]) -> Obj:
+    spec: Obj = only(objs, "DaemonSet")["spec"]["template"]["spec"]
+    return spec
+
+
+def parsed_args(objs: list[Obj]) -> argparse.Namespace:
+    """The container's args after the kubelet's $(VAR) expansion, through svcproxy's parser."""
+    container = daemonset_container(objs)
+    assert "command" not in container, "the image's ENTRYPOINT [svcproxy] is the command"
+    env = container_env(objs, container)
+    args = [expand(a, env) for a in container["args"]]
+    try:
+        ns = cli.daemon_parser().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"svcproxy rejects the DaemonSet's args: {args}")
+    cli.settings_from(ns)  # the same validation the daemon does at start
+    return ns
+
+
+def test_container_security(rendered: list[Obj]) -> None:
+    sc = daemonset_container(rendered)["securityContext"]
+    assert sc["privileged"] is False
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sorted(sc["capabilities"]["add"]) == ["NET_ADMIN", "NET_BIND_SERVICE"]
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    spec = pod_spec(rendered)
+    assert "securityContext" not in spec or not spec["securityContext"].get("sysctls")
+    for forbidden in ("hostPID", "hostIPC", "shareProcessNamespace"):
+        assert not spec.get(forbidden), forbidden
+
+
+def test_no_host_paths(rendered: list[Obj]) -> None:
+    """No hostPath at all (not /lib/modules either); the only writable place is an emptyDir /tmp."""
+    volumes = {v["name"]: v for v in pod_spec(rendered)["volumes"]}
+    assert all("hostPath" not in v for v in volumes.values())
+    mounts = daemonset_container(rendered)["volumeMounts"]
+    assert [(m["mountPath"], "emptyDir" in volumes[m["name"]]) for m in mounts] == [("/tmp", True)]
+
+
+def test_node_proxy_placement(rendered: list[Obj]) -> None:
+    spec = pod_spec(rendered)
+    assert spec["hostNetwork"] is True
+    # The node's resolver: cluster DNS is a Service that svcproxy itself serves (see daemonset.yaml).
+    assert spec["dnsPolicy"] == "Default"
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["serviceAccountName"] == "svcproxy"
+    strategy = only(rendered, "DaemonSet")["spec"]["updateStrategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 1
+    assert strategy["rollingUpdate"].get("maxSurge", 0) == 0
+
+
+def test_probes(rendered: list[Obj]) -> None:
+    container = daemonset_container(rendered)
+    live, ready = container["livenessProbe"]["httpGet"], container["readinessProbe"]["httpGet"]
+    assert (live["path"], live["port"]) == ("/livez", HEALTHZ_PORT)
+    assert (ready["path"], ready["port"]) == ("/healthz", HEALTHZ_PORT)
+    for probe in (live, ready):
+        assert "host" not in probe  # the pod IP, which is the node IP with hostNetwork
+    # and svcproxy serves them there, on every address
+    assert parsed_args(rendered).healthz_bind_address in (f"0.0.0.0:{HEALTHZ_PORT}", f":{HEALTHZ_PORT}")
+
+
+def test_resources_requested(rendered: list[Obj]) -> None:
+    requests = daemonset_container(rendered)["resources"]["requests"]
+    assert set(requests) == {"cpu", "memory"}
+
+
+def test_args_parse_and_name_the_node(rendered: list[Obj]) -> None:
+    container = daemonset_container(rendered)
+    assert "--hostname-override=$(NODE_NAME)" in container["args"]
+    (node_name,) = [e for e in container["env"] if e["name"] == "NODE_NAME"]
+    assert node_name["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    ns = parsed_args(rendered)
+    assert ns.hostname_override == "node-a"
+    assert ns.manifests is None and ns.kubeconfig is None and ns.master is None  # in-cluster config
+
+
+def test_grace_period_covers_the_drain(rendered: list[Obj]) -> None:
+    grace = pod_spec(rendered)["terminationGracePeriodSeconds"]
+    drain = parsed_args(rendered).drain_timeout
+    assert grace >= drain + 5, f"terminationGracePeriodSeconds {grace} leaves too little over --drain-timeout {drain}"
+
+
+def test_api_server_comes_from_the_config_map(rendered: list[Obj]) -> None:
+    """svcproxy reads $SVCPROXY_APISERVER itself (proxy.sources.kube); the ConfigMap provides it."""
+    from proxy.sources import kube
+
+    container = daemonset_container(rendered)
+    assert kube.APISERVER_ENV in container_env(rendered, container)
