@@ -163,6 +163,19 @@ class App:
             self._collector = None
 
 
+async def cleanup(settings: Settings) -> int:
+    """``--cleanup``: remove every address svcproxy added (kube-proxy --cleanup), then exit."""
+    vips = Vips(settings.vip_interface)
+    try:
+        await vips.adopt()
+        removed = sorted(vips.owned)
+        await vips.remove_all()
+    finally:
+        await vips.close()
+    logger.info("removed %d service addresses: %s", len(removed), " ".join(removed) or "none")
+    return 0
+
+
 async def main(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; the process exit code."""
     loop = asyncio.get_running_loop()

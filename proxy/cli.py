@@ -54,6 +54,8 @@ def daemon_parser() -> argparse.ArgumentParser:
                    help="close a UDP flow after this long without a datagram (default 30s)")
     p.add_argument("--drain-timeout", type=_duration, default=10.0,
                    help="on SIGTERM, how long live connections may finish (default 10s)")
+    p.add_argument("--cleanup", action="store_true",
+                   help="remove the service addresses svcproxy added, then exit (they stay on a normal exit)")
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log verbosity (klog style; 4+ = debug)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level (overrides -v)")
     return p
@@ -95,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from(args)
     except SettingsError as e:
         parser.error(str(e))
-    return uvloop.run(app.main(settings))
+    return uvloop.run(app.cleanup(settings) if args.cleanup else app.main(settings))
 
 
 if __name__ == "__main__":

@@ -143,8 +143,12 @@ class Proxier:
             else:
                 self._failed.pop(key, None)
 
-    async def shutdown(self, *, drain_seconds: float, remove_vips: bool = True) -> None:
-        """Stop accepting, let live connections finish for up to ``drain_seconds``, then cut them."""
+    async def shutdown(self, *, drain_seconds: float, remove_vips: bool = False) -> None:
+        """Stop accepting, let live connections finish for up to ``drain_seconds``, then cut them.
+
+        VIPs stay by default, as kube-proxy leaves its rules on exit: clients get a quick refusal
+        instead of packets routed off the node, and the next svcproxy adopts them without a flap.
+        """
         self.listeners.close_all()
         await self.health_servers.close_all()
         if self.connections.live:

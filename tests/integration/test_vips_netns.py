@@ -2,8 +2,8 @@
 
 A non-local clusterIP is added to the VIP interface (``lo`` here: no dummy driver) with
 svcproxy's address marker, nodePorts bind on the node's own addresses only, VIPs go away with
-their Service, and a restarted svcproxy adopts its VIPs without ever counting them as node
-addresses.
+their Service, stay over a restart (the next svcproxy adopts them without ever counting them as
+node addresses), and ``--cleanup`` removes them.
 """
 
 from __future__ import annotations
@@ -157,11 +157,18 @@ def test_vips_nodeports_and_restart(netns: tuple[str, str], tmp_path: Path) -> N
         wait_for(lambda: VIP not in addresses(node))
         assert ns_run(node, "connect", "127.0.0.1", "31852") == "refused"
 
-        # A clean exit removes the VIPs svcproxy added.
+        # A clean exit keeps the VIPs (as kube-proxy keeps its rules): refused, not routed away.
         write_manifests(tmp_path / "svc.yaml", objs)
         wait_for(lambda: addresses(node).get(VIP) == 0xD5)
         stop(proxy)
+        assert addresses(node).get(VIP) == 0xD5
+        assert ns_run(node, "connect", VIP, "80") == "refused"
+        # --cleanup removes what svcproxy added, and nothing else.
+        cleanup = subprocess.run(["ip", "netns", "exec", node, sys.executable, "-m", "proxy", "--cleanup"],
+                                 capture_output=True, text=True, timeout=20)
+        assert cleanup.returncode == 0, cleanup.stderr
         assert VIP not in addresses(node)
+        assert NODE_IP in addresses(node) and "127.0.0.1" in addresses(node)
     finally:
         if proxy.poll() is None:
             stop(proxy)
