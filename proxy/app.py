@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy import health, metrics
+from proxy.dataplane.guard import VipGuard
 from proxy.dataplane.vip import Vips
 from proxy.proxier import Proxier
 from proxy.runner import Runner
@@ -164,7 +165,7 @@ class App:
 
 
 async def cleanup(settings: Settings) -> int:
-    """``--cleanup``: remove every address svcproxy added (kube-proxy --cleanup), then exit."""
+    """``--cleanup``: remove every address svcproxy added and its VIP guard (kube-proxy --cleanup)."""
     vips = Vips(settings.vip_interface)
     try:
         await vips.adopt()
@@ -172,6 +173,7 @@ async def cleanup(settings: Settings) -> int:
         await vips.remove_all()
     finally:
         await vips.close()
+    await VipGuard().remove()
     logger.info("removed %d service addresses: %s", len(removed), " ".join(removed) or "none")
     return 0
 

@@ -203,6 +203,12 @@ class Table:
     def vips(self) -> set[str]:
         return set(self._vip_refs)
 
+    def frontend_ports(self) -> set[tuple[str, str, int]]:
+        """(address, protocol, port) of every service port on a service address, served or not."""
+        return {(ip, sp.protocol.lower(), sp.port)
+                for state in self.services.values() for sp in state.ports
+                for ip in (*sp.cluster_ips, *sp.external_ips, *sp.captured_lb_ips)}
+
     @property
     def owner(self) -> dict[ListenerKey, NamespacedName]:
         """Which Service each listener serves."""

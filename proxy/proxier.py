@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from proxy import metrics
 from proxy.balancer import Pool
 from proxy.dataplane import tcp
+from proxy.dataplane.guard import VipGuard
 from proxy.dataplane.healthcheck import ServiceHealthServers
 from proxy.dataplane.listeners import Listeners
 from proxy.dataplane.target import Target
@@ -48,6 +49,7 @@ class Proxier:
         self.pools: dict[PoolKey, Pool] = {}
         self.table = Table(Node(node_name, ()))
         self.health_servers = ServiceHealthServers(health.healthy)
+        self.guard = VipGuard()
         self._failed: dict[ListenerKey, ListenerSpec] = {}
         self._unsupported_logged: set[str] = set()
 
@@ -117,6 +119,8 @@ class Proxier:
             self.pools.pop(dropped, None)
         if plan.remove_vips:
             await self.vips.sync(self.table.vips)
+        if plan.add_vips or plan.remove_vips or plan.open or plan.close:
+            await self.guard.sync(self.vips.owned, self.table.frontend_ports())
 
     async def _open(self, spec: ListenerSpec) -> None:
         key = spec.key

@@ -1,7 +1,7 @@
 # Sourced by scripts/demo and scripts/test: a virtualenv in .venv with svcproxy installed.
 # Usage: . scripts/setup.sh [pip extras] ; with "--system-packages" as root it also installs the
-# Debian packages the tests use (iproute2 for network namespaces, wrk and nginx for the
-# benchmark smoke test).
+# Debian packages the tests use (iproute2 for network namespaces, nftables for the VIP guard,
+# wrk and nginx for the benchmark smoke test).
 set -euo pipefail
 
 need_apt=()
@@ -9,6 +9,7 @@ if [ "${SVCPROXY_SYSTEM_PACKAGES:-0}" = 1 ] && [ "$(id -u)" = 0 ] && command -v 
   command -v ip >/dev/null || need_apt+=(iproute2)
   command -v wrk >/dev/null || need_apt+=(wrk)
   command -v nginx >/dev/null || need_apt+=(nginx-light)
+  command -v nft >/dev/null || need_apt+=(nftables)
 fi
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then need_apt+=(python3-venv); fi
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -174,3 +174,33 @@ def test_vips_nodeports_and_restart(netns: tuple[str, str], tmp_path: Path) -> N
             stop(proxy)
         backends.terminate()
         backends.wait(5)
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables (nft)")
+def test_vip_guard_hides_host_services_on_vips(netns: tuple[str, str], tmp_path: Path) -> None:
+    """A host service on 0.0.0.0 must not answer at a VIP svcproxy added (kube-proxy #72236)."""
+    node, client = netns
+    sh("ip", "-n", client, "route", "add", f"{VIP}/32", "via", NODE_IP)  # clients routed to this node
+    objs = [service("web", VIP, 80), endpoint_slice("web", 8080, ["127.0.0.11"])]
+    write_manifests(tmp_path / "svc.yaml", objs)
+    backends = start(node, "-m", "proxy.demo_backend", "b1=127.0.0.11:8080", "host=0.0.0.0:9000")
+    proxy = start(node, "-m", "proxy", "--manifests", str(tmp_path), "--hostname-override", "node-a",
+                  "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "")
+    try:
+        assert backends.stdout is not None and backends.stdout.readline().strip() == "ready"
+        wait_for(lambda: "hello from b1" in str(ns_run(client, "connect", VIP, "80")))
+        assert "hello from host" in str(ns_run(client, "connect", NODE_IP, "9000"))  # the host's own
+        assert ns_run(client, "connect", VIP, "9000") == "refused"  # ...but not at the VIP
+        stop(proxy)
+        assert ns_run(client, "connect", VIP, "9000") == "refused"  # still guarded while it is down
+        cleanup = subprocess.run(["ip", "netns", "exec", node, sys.executable, "-m", "proxy", "--cleanup"],
+                                 capture_output=True, text=True, timeout=20)
+        assert cleanup.returncode == 0, cleanup.stderr
+        tables = subprocess.run(["ip", "netns", "exec", node, "nft", "list", "tables"],
+                                capture_output=True, text=True, timeout=20).stdout
+        assert "svcproxy" not in tables
+    finally:
+        if proxy.poll() is None:
+            stop(proxy)
+        backends.terminate()
+        backends.wait(5)
