@@ -160,7 +160,8 @@ def desired(state: ServiceState, node: Node) -> tuple[dict[ListenerKey, Listener
                                        sp.affinity_timeout)
             if pools[pool].endpoints:
                 key = ListenerKey(ip, port, sp.protocol)
-                allowed = tuple(r for r in ranges if family_of(r) == family) if ranges else None
+                # kube-proxy filters the ranges by family; none left means no firewall at all.
+                allowed = tuple(r for r in ranges if family_of(r) == family) or None
                 listeners[key] = ListenerSpec(key, pool, allowed)
 
         for ip in sp.cluster_ips:
@@ -168,7 +169,6 @@ def desired(state: ServiceState, node: Node) -> tuple[dict[ListenerKey, Listener
         for ip in sp.external_ips:
             add(ip, sp.port, sp.external_policy)
         for ip in sp.captured_lb_ips:
-            # Ranges of the other family only leave an empty allow-list: nobody of this one.
             add(ip, sp.port, sp.external_policy, sp.load_balancer_source_ranges)
         if sp.node_port:
             for ip in node.nodeport_addresses:
@@ -198,6 +198,7 @@ class Table:
         self._svc_listeners: dict[NamespacedName, set[ListenerKey]] = {}
         self._svc_pools: dict[NamespacedName, set[PoolKey]] = {}
         self._svc_health: dict[NamespacedName, set[ListenerKey]] = {}
+        self._health_wants: dict[ListenerKey, dict[NamespacedName, None]] = {}
 
     @property
     def vips(self) -> set[str]:
@@ -217,13 +218,17 @@ class Table:
     def update(self, changes: Mapping[NamespacedName, ServiceState], *, force: bool = False) -> Plan:
         plan = Plan()
         touched: set[ListenerKey] = set()
+        touched_health: set[ListenerKey] = set()
         for key, state in changes.items():
             old = self.services.get(key, ServiceState())
             if state == old and not force:
                 continue
             touched |= self._update_service(key, old, state, plan)
+            touched_health |= self._update_health(key, state, plan)
         for lkey in sorted(touched):
             self._settle(lkey, plan)
+        for hkey in sorted(touched_health):
+            self._settle_health(hkey, plan)
         plan.add_vips, plan.remove_vips = plan.add_vips - plan.remove_vips, plan.remove_vips - plan.add_vips
         dropped = set(plan.drop_pools) - set(plan.pools)
         plan.drop_pools = [p for p in plan.drop_pools if p in dropped]
@@ -287,7 +292,6 @@ class Table:
                 wants[key] = spec  # an update keeps the Service's place in line
                 touched.add(lkey)
 
-        self._update_health(key, new, plan)
         if new.ports:
             self.services[key] = new
             self._svc_listeners[key] = set(new_listeners)
@@ -298,21 +302,20 @@ class Table:
             self._svc_pools.pop(key, None)
         return touched
 
-    def _update_health(self, key: NamespacedName, state: ServiceState, plan: Plan) -> None:
-        """The healthCheckNodePort server of an externalTrafficPolicy: Local Service."""
+    def _update_health(self, key: NamespacedName, state: ServiceState, plan: Plan) -> set[ListenerKey]:
+        """Join or leave the queues for healthCheckNodePort servers (externalTrafficPolicy: Local);
+        returns the keys touched. As for listeners, the first Service in line is served."""
         port = next((sp.health_check_node_port for sp in state.ports
                      if sp.external_policy is Policy.LOCAL and sp.health_check_node_port), 0)
         wanted = {ListenerKey(ip, port, "TCP") for ip in self.node.nodeport_addresses} if port else set()
-        for hkey in self._svc_health.get(key, set()) - wanted:
-            del self.health[hkey]
-            plan.health_close.append(hkey)
-        for hkey in sorted(wanted - self._svc_health.get(key, set())):
-            holder = self.health.setdefault(hkey, key)
-            if holder != key:
-                logger.error("%s wants health check port %s, which %s already uses", key, hkey, holder)
-                wanted.discard(hkey)
-                continue
-            plan.health_open.append((hkey, key))
+        had = self._svc_health.pop(key, set())
+        for hkey in had - wanted:
+            queue = self._health_wants[hkey]
+            del queue[key]
+            if not queue:
+                del self._health_wants[hkey]
+        for hkey in wanted - had:
+            self._health_wants.setdefault(hkey, {})[key] = None
         if wanted:
             self._svc_health[key] = wanted
             count = local_ready_endpoints(state, self.node.name)
@@ -320,11 +323,28 @@ class Table:
                 self.local_endpoints[key] = count
                 plan.local_endpoints[key] = count
         else:
-            self._svc_health.pop(key, None)
             self.local_endpoints.pop(key, None)
+        return had ^ wanted
+
+    def _settle_health(self, hkey: ListenerKey, plan: Plan) -> None:
+        queue = self._health_wants.get(hkey, {})
+        new = next(iter(queue), None)
+        old = self.health.get(hkey)
+        if len(queue) > 1:
+            first, *others = queue
+            logger.error("health check port %s is wanted by %s; %s has it", hkey, ", ".join(map(str, others)), first)
+        if new == old:
+            return
+        if old is not None:
+            plan.health_close.append(hkey)
+            del self.health[hkey]
+        if new is not None:
+            self.health[hkey] = new
+            plan.health_open.append((hkey, new))
 
 
 def local_ready_endpoints(state: ServiceState, node: str) -> int:
-    """What a health check reports: this node's ready endpoints (kube-proxy counts ready only, so a
-    node with only terminating pods says 503 while it still forwards to them)."""
-    return max((sum(1 for e in eps if e.ready and e.node_name == node) for _, eps in state.endpoints), default=0)
+    """What a health check reports: this node's ready endpoints, summed over the Service's ports as
+    kube-proxy does (ready only, so a node with only terminating pods says 503 while it still
+    forwards to them)."""
+    return sum(1 for _, eps in state.endpoints for e in eps if e.ready and e.node_name == node)
