@@ -75,9 +75,10 @@ class _Side(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+        if peer is not None and peer.eof:
+            self.conn.finish()  # both directions have ended: close, no separate shutdown needed
+        elif peer is not None and peer.transport is not None and not peer.transport.is_closing():
             peer.transport.write_eof()
-        self.conn.maybe_finish()
         return True  # keep our write half open until the other direction ends too
 
     def pause_writing(self) -> None:
@@ -96,7 +97,7 @@ class _Side(asyncio.Protocol):
 class Client(_Side):
     """The accepted client socket; owns the connection's lifecycle."""
 
-    __slots__ = ("_dial", "_early", "_loop", "_registry", "_target", "backend")
+    __slots__ = ("_dial", "_early", "_loop", "_registry", "_target", "_timed_out", "backend")
 
     def __init__(self, target: Target, registry: Connections, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(self)
@@ -105,19 +106,24 @@ class Client(_Side):
         self._loop = loop
         self._dial: asyncio.Task[None] | None = None
         self._early: list[bytes] = []
+        self._timed_out = False
         self.backend: _Side | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = t = cast(asyncio.Transport, transport)
-        peer = t.get_extra_info("peername")
-        client_ip: str = peer[0] if peer else ""
-        if not self._target.admits(client_ip):
-            t.abort()  # loadBalancerSourceRanges: refuse with a reset
-            return
+        target = self._target
+        pool = target.pool
+        client_ip: str | None = None
+        if target.allowed is not None or pool.affinity_timeout:  # else spare the getpeername call
+            peer = t.get_extra_info("peername")
+            client_ip = peer[0] if peer else ""
+            if not target.admits(client_ip):
+                t.abort()  # loadBalancerSourceRanges: refuse with a reset
+                return
         t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self._registry.add(self)
-        self._dial = self._loop.create_task(self._connect(client_ip, self._target.pool))
+        self._dial = self._loop.create_task(self._connect(client_ip, pool))
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
@@ -131,7 +137,8 @@ class Client(_Side):
         if self.transport is not None:
             self.transport.pause_reading()
 
-    async def _connect(self, client_ip: str, pool: Pool) -> None:
+    async def _connect(self, client_ip: str | None, pool: Pool) -> None:
+        loop = self._loop
         failed: list[Endpoint] = []
         for timeout in DIAL_TIMEOUTS:
             ep = pool.pick(client_ip, failed)
@@ -141,19 +148,38 @@ class Client(_Side):
             # Wired to the client before the dial: the backend may send (even close) before this
             # coroutine resumes, and those bytes must reach the client.
             backend.peer = self
+            # A plain timer rather than asyncio.timeout(): this runs once per connection.
+            timer = loop.call_later(timeout, self._dial_timeout, backend)
             try:
-                async with asyncio.timeout(timeout):
-                    await self._loop.create_connection(lambda b=backend: b, ep.ip, ep.port)  # type: ignore[misc]
-            except (OSError, TimeoutError) as e:
+                await loop.create_connection(lambda b=backend: b, ep.ip, ep.port)  # type: ignore[misc]
+            except OSError as e:
                 logger.debug("%s: dial %s:%d failed: %r", self._target.name, ep.ip, ep.port, e)
                 failed.append(ep)
                 continue
+            except asyncio.CancelledError:
+                if not self._timed_out:
+                    raise
+                self._timed_out = False
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                logger.debug("%s: dial %s:%d timed out after %.2fs", self._target.name, ep.ip, ep.port, timeout)
+                failed.append(ep)
+                continue
+            finally:
+                timer.cancel()
             self._attach(backend)
             return
         logger.info("%s: no endpoint accepted the connection from %s (tried %d)",
                     self._target.name, client_ip, len(failed))
         if self.transport is not None:
             self.transport.close()
+
+    def _dial_timeout(self, backend: _Side) -> None:
+        # The connection may be made already, its coroutine not yet resumed (a busy loop): keep it.
+        if backend.transport is None and self._dial is not None:
+            self._timed_out = True
+            self._dial.cancel()
 
     def _attach(self, backend: _Side) -> None:
         self._dial = None
@@ -171,19 +197,18 @@ class Client(_Side):
         if self._early:
             backend.transport.writelines(self._early)
             self._early.clear()
-        if self.eof:
+        if self.eof and backend.eof:
+            self.finish()
+        elif self.eof:
             backend.transport.write_eof()
         else:
             client.resume_reading()
-        self.maybe_finish()
 
-    def maybe_finish(self) -> None:
+    def finish(self) -> None:
         """Both directions ended: close both sockets (buffered bytes are still flushed)."""
-        backend = self.backend
-        if backend is not None and self.eof and backend.eof:
-            for side in (self, backend):
-                if side.transport is not None:
-                    side.transport.close()
+        for side in (self, self.backend):
+            if side is not None and side.transport is not None:
+                side.transport.close()
 
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
         other = self.backend if side is self else self
