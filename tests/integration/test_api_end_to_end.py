@@ -110,9 +110,10 @@ async def test_api_outage_keeps_traffic_flowing_and_missed_deletes_apply_after_r
             api.compact()
             await api.set_down(False)
 
-            await eventually(lambda: refused("127.0.0.144", 8102), timeout=15)
+            # Each watch resumes after its own backoff (up to ~12 s after a 10 s outage).
+            await eventually(lambda: refused("127.0.0.144", 8102), timeout=20)
             api.upsert(endpoint_slice("web", PORT, BACKENDS))  # and updates flow again
-            await eventually(lambda: _answers(VIP, 8102, set(BACKENDS)), timeout=5)
+            await eventually(lambda: _answers(VIP, 8102, set(BACKENDS)), timeout=20)
 
 
 async def test_malformed_object_from_the_api_is_skipped() -> None:
