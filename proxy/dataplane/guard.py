@@ -63,7 +63,8 @@ table inet {TABLE} {{
 class VipGuard:
     def __init__(self, nft: str | None = None) -> None:
         self._nft = nft or shutil.which("nft")
-        self._applied: tuple[frozenset[str], frozenset[Port]] | None = None
+        # Nothing to guard until svcproxy owns a VIP (the demo, unprivileged, never touches nft).
+        self._applied: tuple[frozenset[str], frozenset[Port]] | None = (frozenset(), frozenset())
         self._warned = False
 
     @property
