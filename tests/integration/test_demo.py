@@ -41,6 +41,7 @@ def test_demo_starts_serves_and_stops() -> None:
         assert proc.wait(15) == 0
         rest = proc.stdout.read()
         assert "Traceback" not in rest, rest
+        assert " E proxy" not in out + rest, out + rest  # no error logged along the way
     finally:
         if proc.poll() is None:
             proc.kill()
