@@ -41,7 +41,7 @@ WORKLOADS: dict[str, Workload] = {
     for w in (
         Workload("keepalive", "keep-alive, 12 B, 50 conns", 50, "/small"),
         Workload("close", "conn per request, 12 B, 50 conns", 50, "/small", ("Connection: close",)),
-        Workload("bulk", "bulk 1 MiB, 4 conns", 4, "/big"),
+        Workload("bulk", "bulk 1 MiB, 8 conns", 8, "/big"),
         Workload("c1000", "keep-alive, 12 B, 1000 conns", 1000, "/small"),
     )
 }
