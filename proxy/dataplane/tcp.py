@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from collections.abc import Callable
 from typing import cast
 
@@ -24,6 +26,7 @@ from proxy.model import Endpoint
 logger = logging.getLogger(__name__)
 
 DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
+_LINGER_RESET = struct.pack("ii", 1, 0)
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 
@@ -119,7 +122,12 @@ class Client(_Side):
             peer = t.get_extra_info("peername")
             client_ip = peer[0] if peer else ""
             if not target.admits(client_ip):
-                t.abort()  # loadBalancerSourceRanges: refuse with a reset
+                # loadBalancerSourceRanges: refuse with a reset. Linger 0 makes the close a RST even
+                # when the client has sent nothing yet (an abort alone would send a FIN then).
+                sock = t.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                t.abort()
                 return
         t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self._registry.add(self)
