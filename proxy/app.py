@@ -69,7 +69,8 @@ class App:
         await vips.adopt()
         self.proxier = Proxier(
             loop=loop, tracker=self.tracker, vips=vips, health=self.health,
-            node_name=s.node_name, nodeport_cidrs=s.nodeport_addresses, udp_idle_timeout=s.udp_idle_timeout,
+            node_name=s.node_name, nodeport_cidrs=s.nodeport_addresses, cluster_cidrs=s.cluster_cidr,
+            udp_idle_timeout=s.udp_idle_timeout,
         )
         self._collector = metrics.TrackerCollector(self.tracker, self._last_queued_wall)
         metrics.REGISTRY.register(self._collector)

@@ -42,6 +42,9 @@ def daemon_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname-override", default="", help="this node's name (default: the hostname)")
     p.add_argument("--nodeport-addresses", type=_cidrs, default=(),
                    help="comma-separated CIDRs of node addresses nodePorts bind on (default: every node address)")
+    p.add_argument("--cluster-cidr", type=_cidrs, default=(),
+                   help="comma-separated pod CIDRs: their traffic to externalTrafficPolicy: Local services "
+                   "uses all endpoints, as kube-proxy's detect-local")
     p.add_argument("--healthz-bind-address", default="0.0.0.0:10256", help="host:port of /healthz and /livez")
     p.add_argument("--metrics-bind-address", default="127.0.0.1:10249",
                    help="host:port of /metrics; empty disables it")
@@ -68,6 +71,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         master=args.master,
         hostname_override=args.hostname_override,
         nodeport_addresses=args.nodeport_addresses,
+        cluster_cidr=args.cluster_cidr,
         healthz_bind_address=args.healthz_bind_address,
         metrics_bind_address=args.metrics_bind_address,
         vip_interface=args.vip_interface,

@@ -43,6 +43,9 @@ class ListenerSpec:
     pool: PoolKey
     source_ranges: tuple[str, ...] | None = None
     """Allowed client CIDRs (LoadBalancer IPs with loadBalancerSourceRanges); None = anyone."""
+    local_traffic_pool: PoolKey | None = None
+    """externalTrafficPolicy: Local frontends: the Cluster pool that traffic from this node or its
+    cluster's pods uses instead (kube-proxy sends it "out to the LB and back" that way)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -145,35 +148,47 @@ def service_vips(ports: Iterable[ServicePort]) -> set[str]:
 
 
 def desired(state: ServiceState, node: Node) -> tuple[dict[ListenerKey, ListenerSpec], dict[PoolKey, PoolSpec]]:
-    """Listeners and non-empty pools for one Service. No usable endpoints means no listener."""
+    """Listeners and the pools they use for one Service. No usable endpoints means no listener.
+
+    An externalTrafficPolicy: Local frontend also listens when only Cluster endpoints exist, for
+    local traffic (see ``ListenerSpec.local_traffic_pool``); other clients are then reset, where
+    kube-proxy drops.
+    """
     listeners: dict[ListenerKey, ListenerSpec] = {}
     pools: dict[PoolKey, PoolSpec] = {}
     for sp in state.ports:
         eps = state.endpoints_of(sp.name)
 
-        def add(ip: str, port: int, policy: Policy, ranges: tuple[str, ...] = (), *, sp: ServicePort = sp,
-                eps: tuple[Endpoint, ...] = eps) -> None:
+        def pool_for(family: Family, policy: Policy, *, sp: ServicePort = sp,
+                     eps: tuple[Endpoint, ...] = eps) -> PoolKey:
+            key = PoolKey(sp.name, family, policy)
+            if key not in pools:
+                pools[key] = PoolSpec(usable_endpoints(eps, family, policy, node.name, node.zone),
+                                      sp.affinity_timeout)
+            return key
+
+        def add(ip: str, port: int, policy: Policy, ranges: tuple[str, ...] = (), *, external: bool = False,
+                sp: ServicePort = sp) -> None:
             family = family_of(ip)
-            pool = PoolKey(sp.name, family, policy)
-            if pool not in pools:
-                pools[pool] = PoolSpec(usable_endpoints(eps, family, policy, node.name, node.zone),
-                                       sp.affinity_timeout)
-            if pools[pool].endpoints:
+            pool = pool_for(family, policy)
+            short = pool_for(family, Policy.CLUSTER) if external and policy is Policy.LOCAL else None
+            if pools[pool].endpoints or (short is not None and pools[short].endpoints):
                 key = ListenerKey(ip, port, sp.protocol)
                 # kube-proxy filters the ranges by family; none left means no firewall at all.
                 allowed = tuple(r for r in ranges if family_of(r) == family) or None
-                listeners[key] = ListenerSpec(key, pool, allowed)
+                listeners[key] = ListenerSpec(key, pool, allowed, short)
 
         for ip in sp.cluster_ips:
             add(ip, sp.port, sp.internal_policy)
         for ip in sp.external_ips:
-            add(ip, sp.port, sp.external_policy)
+            add(ip, sp.port, sp.external_policy, external=True)
         for ip in sp.captured_lb_ips:
-            add(ip, sp.port, sp.external_policy, sp.load_balancer_source_ranges)
+            add(ip, sp.port, sp.external_policy, sp.load_balancer_source_ranges, external=True)
         if sp.node_port:
             for ip in node.nodeport_addresses:
-                add(ip, sp.node_port, sp.external_policy)
-    return listeners, {k: v for k, v in pools.items() if v.endpoints}
+                add(ip, sp.node_port, sp.external_policy, external=True)
+    used = {s.pool for s in listeners.values()} | {s.local_traffic_pool for s in listeners.values()}
+    return listeners, {k: v for k, v in pools.items() if k in used}
 
 
 class Table:

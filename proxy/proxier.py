@@ -14,7 +14,7 @@ from proxy.dataplane import tcp
 from proxy.dataplane.guard import VipGuard
 from proxy.dataplane.healthcheck import ServiceHealthServers
 from proxy.dataplane.listeners import Listeners
-from proxy.dataplane.target import Target
+from proxy.dataplane.target import LocalSources, Target
 from proxy.dataplane.vip import Vips
 from proxy.health import ProxierHealth
 from proxy.plan import ListenerKey, ListenerSpec, Node, Plan, PoolKey, Table
@@ -33,6 +33,7 @@ class Proxier:
         health: ProxierHealth,
         node_name: str,
         nodeport_cidrs: Sequence[str] = (),
+        cluster_cidrs: Sequence[str] = (),
         udp_idle_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -48,6 +49,9 @@ class Proxier:
         self.listeners = Listeners(loop, self.connections, udp_idle_timeout=udp_idle_timeout)
         self.pools: dict[PoolKey, Pool] = {}
         self.table = Table(Node(node_name, ()))
+        self._cluster_cidrs = tuple(cluster_cidrs)
+        self._node_addresses: tuple[str, ...] | None = None
+        self.local_sources = LocalSources()
         self.health_servers = ServiceHealthServers(health.healthy)
         self.guard = VipGuard()
         self._failed: dict[ListenerKey, ListenerSpec] = {}
@@ -55,10 +59,13 @@ class Proxier:
 
     async def nodeport_addresses(self) -> tuple[str, ...]:
         """Local addresses nodePorts bind on: every node address, or those in --nodeport-addresses."""
-        addrs = await self.vips.node_addresses()
+        addrs = tuple(await self.vips.node_addresses())
+        if addrs != self._node_addresses:
+            self._node_addresses = addrs
+            self.local_sources.update(addrs, self._cluster_cidrs)
         if self._nodeport_cidrs:
-            addrs = [a for a in addrs if any(ipaddress.ip_address(a) in n for n in self._nodeport_cidrs)]
-        return tuple(addrs)
+            addrs = tuple(a for a in addrs if any(ipaddress.ip_address(a) in n for n in self._nodeport_cidrs))
+        return addrs
 
     async def sync(self) -> None:
         """Apply every pending change. Called by the runner; never before the first full list."""
@@ -100,6 +107,7 @@ class Proxier:
                 await self._open(spec)
                 continue
             listener.target.pool = self.pools[spec.pool]
+            listener.target.local_traffic_pool = self._local_traffic_pool(spec)
             listener.target.name = str(spec.pool.name)
             listener.target.set_source_ranges(spec.source_ranges)
         for spec in plan.open:
@@ -129,7 +137,8 @@ class Proxier:
                 self._unsupported_logged.add(key.protocol)
                 logger.warning("%s service ports are not supported; not serving %s", key.protocol, key)
             return
-        target = Target(str(spec.pool.name), self.pools[spec.pool], spec.source_ranges)
+        target = Target(str(spec.pool.name), self.pools[spec.pool], spec.source_ranges,
+                        local_traffic_pool=self._local_traffic_pool(spec), local_sources=self.local_sources)
         try:
             await self.listeners.open_listener(key, target)
         except OSError as e:
@@ -139,6 +148,9 @@ class Proxier:
             return
         self._failed.pop(key, None)
         logger.debug("%s: listening on %s", spec.pool.name, key)
+
+    def _local_traffic_pool(self, spec: ListenerSpec) -> Pool | None:
+        return None if spec.local_traffic_pool is None else self.pools[spec.local_traffic_pool]
 
     async def _retry_failed(self) -> None:
         for key, spec in list(self._failed.items()):

@@ -22,6 +22,9 @@ class Settings:
     """The node name for local endpoints; default: this host's name (as kube-proxy)."""
     nodeport_addresses: tuple[str, ...] = ()
     """CIDRs of the node addresses nodePorts bind on; empty = every node address."""
+    cluster_cidr: tuple[str, ...] = ()
+    """The pods' CIDRs: their traffic to an externalTrafficPolicy: Local frontend counts as local
+    (uses Cluster endpoints), as kube-proxy's detect-local does. This node's own traffic always does."""
     healthz_bind_address: str = "0.0.0.0:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
     """Empty disables the metrics server (kube-proxy's convention)."""
@@ -45,11 +48,12 @@ class Settings:
                             ("--metrics-bind-address", self.metrics_bind_address)):
             if value:
                 parse_host_port(value, flag)
-        for cidr in self.nodeport_addresses:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise SettingsError(f"--nodeport-addresses: {cidr!r} is not a CIDR") from None
+        for flag, cidrs in (("--nodeport-addresses", self.nodeport_addresses), ("--cluster-cidr", self.cluster_cidr)):
+            for cidr in cidrs:
+                try:
+                    ipaddress.ip_network(cidr, strict=False)
+                except ValueError:
+                    raise SettingsError(f"{flag}: {cidr!r} is not a CIDR") from None
         if self.udp_idle_timeout <= 0:
             raise SettingsError("--udp-idle-timeout must be positive")
         if self.sync_period <= 0:

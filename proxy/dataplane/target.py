@@ -3,26 +3,62 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 
 from proxy.balancer import Pool
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+class LocalSources:
+    """Which clients count as local traffic for externalTrafficPolicy: Local: this node itself
+    (its addresses, loopback) and the cluster's pods (``--cluster-cidr``), as kube-proxy's
+    detect-local does. One instance is shared by every Target and updated when node facts change."""
+
+    def __init__(self) -> None:
+        self.nets: tuple[Network, ...] = _LOOPBACK
+
+    def update(self, node_addresses: Iterable[str], cluster_cidrs: Iterable[str]) -> None:
+        nets = [ipaddress.ip_network(a) for a in node_addresses]
+        nets += [ipaddress.ip_network(c, strict=False) for c in cluster_cidrs]
+        self.nets = (*_LOOPBACK, *nets)
+
+    def __contains__(self, client_ip: str) -> bool:
+        addr = ipaddress.ip_address(client_ip)
+        return any(addr in net for net in self.nets)
 
 
 class Target:
     """What a listener forwards to. Mutated in place on retarget; accepts read it per connection."""
 
-    __slots__ = ("allowed", "name", "pool")
+    __slots__ = ("allowed", "local_sources", "local_traffic_pool", "name", "pool")
 
-    def __init__(self, name: str, pool: Pool, source_ranges: tuple[str, ...] | None = None) -> None:
+    def __init__(self, name: str, pool: Pool, source_ranges: tuple[str, ...] | None = None, *,
+                 local_traffic_pool: Pool | None = None, local_sources: LocalSources | None = None) -> None:
         self.name = name
         self.pool = pool
-        self.allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+        self.local_traffic_pool = local_traffic_pool
+        """For externalTrafficPolicy: Local frontends: the Cluster pool local traffic uses."""
+        self.local_sources = local_sources or LocalSources()
+        self.allowed: tuple[Network, ...] | None = None
         self.set_source_ranges(source_ranges)
 
     def set_source_ranges(self, ranges: tuple[str, ...] | None) -> None:
         self.allowed = None if ranges is None else tuple(ipaddress.ip_network(r) for r in ranges)
+
+    @property
+    def needs_client_ip(self) -> bool:
+        return self.allowed is not None or self.local_traffic_pool is not None or bool(self.pool.affinity_timeout)
 
     def admits(self, client_ip: str) -> bool:
         if self.allowed is None:
             return True
         addr = ipaddress.ip_address(client_ip)
         return any(addr in net for net in self.allowed)
+
+    def pool_for(self, client_ip: str | None) -> Pool:
+        """The pool a client uses: local traffic to an eTP Local frontend goes to Cluster endpoints."""
+        if self.local_traffic_pool is not None and client_ip is not None and client_ip in self.local_sources:
+            return self.local_traffic_pool
+        return self.pool

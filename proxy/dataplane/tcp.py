@@ -56,6 +56,15 @@ class Connections:
             conn.abort()
 
 
+def _reset(t: asyncio.Transport) -> None:
+    """Refuse an accepted client with a reset. Linger 0 makes the close a RST even when the client
+    has sent nothing yet (an abort alone would send a FIN then)."""
+    sock = t.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    t.abort()
+
+
 class _Side(asyncio.Protocol):
     """One socket of a proxied connection; ``peer`` is the side its bytes go to."""
 
@@ -118,16 +127,13 @@ class Client(_Side):
         target = self._target
         pool = target.pool
         client_ip: str | None = None
-        if target.allowed is not None or pool.affinity_timeout:  # else spare the getpeername call
+        if target.needs_client_ip:  # else spare the getpeername call
             peer = t.get_extra_info("peername")
             client_ip = peer[0] if peer else ""
-            if not target.admits(client_ip):
-                # loadBalancerSourceRanges: refuse with a reset. Linger 0 makes the close a RST even
-                # when the client has sent nothing yet (an abort alone would send a FIN then).
-                sock = t.get_extra_info("socket")
-                if sock is not None:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                t.abort()
+            pool = target.pool_for(client_ip)
+            # Outside loadBalancerSourceRanges, or eTP Local with no local endpoint for this client.
+            if not target.admits(client_ip) or not pool.endpoints:
+                _reset(t)
                 return
         t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self._registry.add(self)

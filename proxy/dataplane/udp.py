@@ -15,6 +15,7 @@ import logging
 import socket
 from typing import cast
 
+from proxy.balancer import Pool
 from proxy.dataplane.target import Target
 from proxy.model import Endpoint
 
@@ -26,10 +27,11 @@ Address = tuple[str, int] | tuple[str, int, int, int]
 
 
 class Flow:
-    __slots__ = ("client", "endpoint", "frontend", "last_seen", "sock")
+    __slots__ = ("client", "endpoint", "frontend", "last_seen", "pool", "sock")
 
-    def __init__(self, frontend: Frontend, client: Address, endpoint: Endpoint, now: float) -> None:
+    def __init__(self, frontend: Frontend, client: Address, pool: Pool, endpoint: Endpoint, now: float) -> None:
         self.frontend = frontend
+        self.pool = pool
         self.client = client
         self.endpoint = endpoint
         self.last_seen = now
@@ -90,19 +92,19 @@ class Frontend(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Address) -> None:
         now = self.loop.time()
         flow = self.flows.get(addr)
-        pool = self.target.pool
-        if flow is not None and flow.endpoint not in pool.members:
+        if flow is not None and flow.endpoint not in flow.pool.members:
             flow.close()  # its endpoint is gone: start over on a current one
             del self.flows[addr]
             flow = None
         if flow is None:
             if not self.target.admits(addr[0]):
                 return
+            pool = self.target.pool_for(addr[0])
             endpoint = pool.pick(addr[0])
             if endpoint is None:
                 return
             try:
-                flow = Flow(self, addr, endpoint, now)
+                flow = Flow(self, addr, pool, endpoint, now)
             except OSError as e:
                 logger.warning("%s: cannot open a flow to %s:%d: %s", self.target.name, endpoint.ip, endpoint.port, e)
                 return
@@ -118,9 +120,8 @@ class Frontend(asyncio.DatagramProtocol):
     def sweep(self) -> None:
         """Close flows idle too long or whose endpoint left the pool."""
         cutoff = self.loop.time() - self.idle_timeout
-        members = self.target.pool.members
         for addr, flow in list(self.flows.items()):
-            if flow.last_seen < cutoff or flow.endpoint not in members:
+            if flow.last_seen < cutoff or flow.endpoint not in flow.pool.members:
                 flow.close()
                 del self.flows[addr]
         if self.transport is not None:

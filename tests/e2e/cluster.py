@@ -267,7 +267,8 @@ class Cluster:
                 node.ns, f"svcproxy-{node.name}", sys.executable, "-m", "proxy",
                 "--manifests", str(self.manifests), "--hostname-override", node.name,
                 "--healthz-bind-address", "0.0.0.0:10256", "--metrics-bind-address", "127.0.0.1:10249",
-                "--nodeport-addresses", f"{node.ip4}/32,{node.ip6}/128", "--drain-timeout", "1s")
+                "--nodeport-addresses", f"{node.ip4}/32,{node.ip6}/128", "--drain-timeout", "1s",
+                "--cluster-cidr", "10.244.0.0/16,fd00:244::/40")
         for pod in self.pods:
             eventually(lambda pod: "ready" in self.log(pod.name), pod, timeout=20, what=f"{pod.name} serving")
 

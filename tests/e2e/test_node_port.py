@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-import pytest
-
 from tests.e2e.cluster import CLIENT_IP, NODE_ZONES, Cluster, endpoint_slice, eventually, node_object, port, service
 from tests.e2e.conftest import Apply
 
@@ -101,8 +99,9 @@ def test_external_traffic_policy_local(cluster: Cluster, manifests: Apply) -> No
         status, body = eventually(lambda node: health(node.ip4), node)
         assert (status, body["localEndpoints"], body["service"]) == (code, count, want), node.name
         assert body["serviceProxyHealthy"] is True
-    # Node 3 has synced (its health check answers) and has no local endpoint: no nodePort.
-    assert cluster.whos(client, n3.ip4, 31854, 2) == ["refused"] * 2  # kube-proxy drops
+    # Node 3 has synced (its health check answers) and has no local endpoint: outside clients are
+    # reset (kube-proxy drops); the port stays open for local traffic, which uses Cluster endpoints.
+    assert cluster.whos(client, n3.ip4, 31854, 2) == ["reset"] * 2
     # The clusterIP (internal traffic) still uses every endpoint.
     assert set(cluster.whos(cluster.pod("n3a").ns, vip, 80, 3)) == {"n1a", "n2a", "n2b"}
 
@@ -112,7 +111,7 @@ def test_external_traffic_policy_local(cluster: Cluster, manifests: Apply) -> No
                endpoint_slice("etp", eps[1:])])
     eventually(lambda: health(n1.ip4)[0] == 503)
     assert health(n1.ip4)[1]["localEndpoints"] == 0
-    assert cluster.get(client, n1.ip4, 31854) == "refused"
+    assert cluster.get(client, n1.ip4, 31854) == "reset"
 
 
 def test_load_balancer_source_ranges_reset_a_silent_client(cluster: Cluster, manifests: Apply) -> None:
@@ -179,11 +178,6 @@ def test_proxy_health_and_node_deletion(cluster: Cluster) -> None:
     eventually(lambda: cluster.http(cluster.client, n2.ip4, 10256, "/healthz")[0] == 200)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GAP (documented in README's table): kube-proxy sends traffic from local pods (and the node) "
-    "to an eTP:Local nodePort / LB IP through the Cluster endpoints (it 'goes out to the LB and "
-    "back'); svcproxy has no --cluster-cidr / detect-local and refuses it on a node without a "
-    "local endpoint."))
 def test_external_traffic_policy_local_from_a_local_pod_uses_cluster_endpoints(
         cluster: Cluster, manifests: Apply) -> None:
     vip = "10.96.0.52"

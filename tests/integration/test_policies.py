@@ -33,8 +33,9 @@ async def test_external_traffic_policy_local(tmp_path: Path) -> None:
     svc = service("etp", VIP, 8110, node_port=30110, externalTrafficPolicy="Local", healthCheckNodePort=30111)
     both = [svc, slice_with_nodes("etp", [(LOCAL, "node-a"), (REMOTE, "node-b")])]
     async with servers([(LOCAL, PORT), (REMOTE, PORT)]), running_proxy(tmp_path, both):
-        # External traffic (nodePort) goes only to this node's endpoint; clusterIP to both.
-        assert {await ask("127.0.0.1", 30110) for _ in range(4)} == {LOCAL}
+        # Every client here is this node itself, which kube-proxy sends "out to the LB and back":
+        # all endpoints, on the nodePort too. (Outside clients are in tests/e2e.)
+        assert {await ask("127.0.0.1", 30110) for _ in range(4)} == {LOCAL, REMOTE}
         assert {await ask(VIP, 8110) for _ in range(4)} == {LOCAL, REMOTE}
         code, body = await health(30111)
         assert code == 200
@@ -48,7 +49,7 @@ async def test_external_traffic_policy_local(tmp_path: Path) -> None:
             return code == 503 and body["localEndpoints"] == 0
 
         await eventually(unhealthy)
-        assert await refused("127.0.0.1", 30110)  # no local endpoint: this node does not serve it
+        assert await ask("127.0.0.1", 30110) == REMOTE  # the node's own traffic still gets through
         assert await ask(VIP, 8110) == REMOTE
 
         write_manifests(tmp_path / "svc.yaml", [service("etp", VIP, 8110, node_port=30110)])

@@ -267,10 +267,25 @@ def test_external_traffic_policy_local_restricts_external_frontends_only() -> No
         assert ips(plan.pools[pool_of[k]].endpoints) == {"10.244.1.5"}
 
 
-def test_local_policy_without_local_endpoints_opens_no_external_listener() -> None:
+def test_external_local_policy_without_local_endpoints_keeps_cluster_endpoints_for_local_traffic() -> None:
+    # kube-proxy sends this node's and its pods' traffic to an eTP Local frontend to Cluster
+    # endpoints, so the nodePort listens; its Local pool is empty (other clients are reset).
     sl = make_slice(endpoints=[endpoint("10.244.2.7", node="node-b")])
-    plan = Table(NODE).update({WEB: web(sl, externalTrafficPolicy="Local")})
-    assert opened(plan) == {tcp("10.96.0.10", 80)}
+    table = Table(NODE)
+    plan = table.update({WEB: web(sl, externalTrafficPolicy="Local")})
+    assert tcp("192.168.1.10", 30080) in opened(plan)
+    spec = table.listeners[tcp("192.168.1.10", 30080)]
+    assert spec.pool.policy is Policy.LOCAL and table.pools[spec.pool].endpoints == ()
+    assert spec.local_traffic_pool is not None and spec.local_traffic_pool.policy is Policy.CLUSTER
+    assert [e.ip for e in table.pools[spec.local_traffic_pool].endpoints] == ["10.244.2.7"]
+    assert table.listeners[tcp("10.96.0.10", 80)].local_traffic_pool is None  # internal traffic: no
+
+
+def test_internal_local_policy_without_local_endpoints_opens_no_cluster_ip_listener() -> None:
+    sl = make_slice(endpoints=[endpoint("10.244.2.7", node="node-b")])
+    plan = Table(NODE).update({WEB: web(sl, internalTrafficPolicy="Local")})
+    assert tcp("10.96.0.10", 80) not in opened(plan)
+    assert tcp("192.168.1.10", 30080) in opened(plan)
 
 
 def ep(ip: str, *, ready: bool = True, serving: bool = True, terminating: bool = False,
