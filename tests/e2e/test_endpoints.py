@@ -62,7 +62,8 @@ def test_topology_zone_hints(cluster: Cluster, manifests: Apply) -> None:
     manifests([service("topo", [vip], [port(80, 8080)], trafficDistribution="PreferClose"),
                endpoint_slice("topo", [endpoint(p, hint_zones=["zone-b"]) for p in cluster.pods])])
     eventually(lambda: set(cluster.whos(cluster.pod("n1a").ns, vip, 80, 6)) == everyone)
-    assert set(cluster.whos(cluster.pod("n2a").ns, vip, 80, 6)) == everyone
+    # Each node reloads the manifests on its own schedule: wait for node 2 too.
+    eventually(lambda: set(cluster.whos(cluster.pod("n2a").ns, vip, 80, 6)) == everyone)
 
 
 def test_named_target_port_resolves_per_pod(cluster: Cluster, manifests: Apply) -> None:
