@@ -22,6 +22,11 @@ from proxy.tracker import ChangeTracker
 
 logger = logging.getLogger(__name__)
 
+NODE_REFRESH = 5.0
+"""Seconds between reads of the node's addresses (for nodePorts and local-traffic detection)."""
+AFFINITY_SWEEP = 10.0
+"""Seconds between sweeps of expired ClientIP affinities (lookups check expiry themselves)."""
+
 
 class Proxier:
     def __init__(
@@ -51,6 +56,8 @@ class Proxier:
         self.table = Table(Node(node_name, ()))
         self._cluster_cidrs = tuple(cluster_cidrs)
         self._node_addresses: tuple[str, ...] | None = None
+        self._node_read = 0.0
+        self._affinity_swept = 0.0
         self.local_sources = LocalSources()
         self.health_servers = ServiceHealthServers(health.healthy)
         self.guard = VipGuard()
@@ -58,8 +65,16 @@ class Proxier:
         self._unsupported_logged: set[str] = set()
 
     async def nodeport_addresses(self) -> tuple[str, ...]:
-        """Local addresses nodePorts bind on: every node address, or those in --nodeport-addresses."""
-        addrs = tuple(await self.vips.node_addresses())
+        """Local addresses nodePorts bind on: every node address, or those in --nodeport-addresses.
+
+        Node addresses are read again at most every NODE_REFRESH seconds: a netlink dump per sync
+        would cost every endpoint change a thread round trip."""
+        now = self._clock()
+        if self._node_addresses is None or now - self._node_read >= NODE_REFRESH:
+            self._node_read = now
+            addrs = tuple(await self.vips.node_addresses())
+        else:
+            addrs = self._node_addresses
         if addrs != self._node_addresses:
             self._node_addresses = addrs
             self.local_sources.update(addrs, self._cluster_cidrs)
@@ -80,8 +95,10 @@ class Proxier:
         for plan in plans:
             await self._apply(plan)
         await self._retry_failed()
-        for pool in self.pools.values():
-            pool.expire_affinity()
+        if start - self._affinity_swept >= AFFINITY_SWEEP:  # O(pools): not on every sync
+            self._affinity_swept = start
+            for pool in self.pools.values():
+                pool.expire_affinity()
         elapsed = self._clock() - start
         self.health.updated()
         metrics.sync_duration.observe(elapsed)
