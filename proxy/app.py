@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -59,6 +60,10 @@ class App:
         await self.proxier.sync()
         if self.tracker.synced and not self.synced.is_set():
             self.synced.set()
+            # Everything loaded so far lives for long: keep the collector from walking it again.
+            # A full collection at 10k Services took ~240 ms (the p99 of endpoint changes).
+            gc.collect()
+            gc.freeze()
             logger.info("initial sync done: %d services, %d listeners",
                         len(self.proxier.table.services), len(self.proxier.listeners.open))
 

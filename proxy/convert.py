@@ -6,8 +6,8 @@ callers can log it once and keep the last good state; "not for us" returns ``Non
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
+import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -106,11 +106,17 @@ class _Fields:
     def ip(self, value: Any, path: str) -> tuple[str, Family]:
         if not isinstance(value, str):
             raise self.fail(path, f"expected an IP address, got {value!r}")
+        # inet_pton/ntop validate and normalise in C; ipaddress costs ~20x more and this runs for
+        # every endpoint of every slice (100k at 10k Services).
+        family = socket.AF_INET6 if ":" in value else socket.AF_INET
         try:
-            addr = ipaddress.ip_address(value)
-        except ValueError:
+            normal = socket.inet_ntop(family, socket.inet_pton(family, value))
+        except (OSError, ValueError):
             raise self.fail(path, f"{value!r} is not an IP address") from None
-        return str(addr), Family(addr.version)
+        if family == socket.AF_INET and normal != value:
+            # inet_pton takes exactly dotted quads; anything else (leading zeros...) is refused.
+            raise self.fail(path, f"{value!r} is not an IP address")
+        return normal, Family.V6 if family == socket.AF_INET6 else Family.V4
 
     def protocol(self, obj: Mapping[str, Any], path: str) -> str:
         value = self.string(obj, "protocol", path, "TCP")
@@ -317,7 +323,9 @@ def merge_endpoints(
             for ep in sl.endpoints:
                 old = merged.get((ep.ip, sp.port))
                 if old is None or (ep.ready and not old.ready):
-                    merged[(ep.ip, sp.port)] = dataclasses.replace(ep, port=sp.port)
+                    merged[(ep.ip, sp.port)] = Endpoint(  # not dataclasses.replace: 3x slower
+                        ep.ip, sp.port, ep.family, ep.ready, ep.serving, ep.terminating,
+                        ep.node_name, ep.zone, ep.zone_hints, ep.node_hints)
     result = []
     for port in ports:
         eps = by_port.get((port.name.port, port.protocol), {})

@@ -145,7 +145,9 @@ class Proxier:
         if plan.remove_vips:
             await self.vips.sync(self.table.vips)
         if plan.add_vips or plan.remove_vips or plan.open or plan.close:
-            await self.guard.sync(self.vips.owned, self.table.frontend_ports())
+            owned = self.vips.owned
+            # frontend_ports() walks every Service: only worth it when a VIP needs guarding.
+            await self.guard.sync(owned, self.table.frontend_ports() if owned else ())
 
     async def _open(self, spec: ListenerSpec) -> None:
         key = spec.key
