@@ -379,14 +379,44 @@ class Cluster:
     # -- manifests ---------------------------------------------------------------------------
 
     def apply(self, name: str, objects: Sequence[dict[str, Any]]) -> None:
-        """Write (or replace) manifests/NAME.yaml; every svcproxy picks it up within ~0.5 s."""
+        """Write (or replace) manifests/NAME.yaml, then wait (up to 3 s) until every node has
+        applied a change, so a test does not race one node's reload against another's."""
+        before = [self._changes(node) for node in self.nodes]
         path = self.manifests / f"{name}.yaml"
         tmp = path.with_name(f".{name}.tmp")
         tmp.write_text(yaml.safe_dump_all(objects))
         tmp.replace(path)  # atomic: a poller never reads half a file
+        self._await_reload(before)
 
     def delete(self, name: str) -> None:
+        before = [self._changes(node) for node in self.nodes]
         (self.manifests / f"{name}.yaml").unlink(missing_ok=True)
+        self._await_reload(before)
+
+    def _changes(self, node: Node) -> tuple[float, float]:
+        """(changes seen so far, changes pending) from a node's svcproxy metrics; (-1, -1) if none."""
+        answer = self.http(node.ns, "127.0.0.1", 10249, "/metrics")
+        if isinstance(answer, str):
+            return -1.0, -1.0
+        seen = pending = 0.0
+        for line in answer[1].splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("kubeproxy_sync_proxy_rules_service_changes_total",
+                        "kubeproxy_sync_proxy_rules_endpoint_changes_total"):
+                seen += float(value)
+            elif name in ("kubeproxy_sync_proxy_rules_service_changes_pending",
+                          "kubeproxy_sync_proxy_rules_endpoint_changes_pending"):
+                pending += float(value)
+        return seen, pending
+
+    def _await_reload(self, before: list[tuple[float, float]]) -> None:
+        deadline = time.monotonic() + 3.0  # bounded: a write that changes nothing never shows
+        for node, (seen_before, _) in zip(self.nodes, before, strict=True):
+            while time.monotonic() < deadline:
+                seen, pending = self._changes(node)
+                if seen > seen_before and pending == 0:
+                    break
+                time.sleep(0.05)
 
     # -- probes ------------------------------------------------------------------------------
 
