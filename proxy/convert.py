@@ -28,10 +28,6 @@ from proxy.model import (
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-TOPOLOGY_MODE_ANNOTATIONS = (
-    "service.kubernetes.io/topology-mode",
-    "service.kubernetes.io/topology-aware-hints",
-)
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
 
@@ -195,9 +191,8 @@ def service_state_ports(obj: Mapping[str, Any]) -> tuple[ServicePort, ...] | Non
     internal = _policy(f, spec, "internalTrafficPolicy")
     external = _policy(f, spec, "externalTrafficPolicy")
     health_port = f.integer(spec, "healthCheckNodePort", "spec.healthCheckNodePort", 0, 65535, 0)
-    annotations = f.mapping(f.mapping(obj, "metadata", "metadata"), "annotations", "metadata.annotations")
-    topology_mode = next((str(annotations[a]) for a in TOPOLOGY_MODE_ANNOTATIONS if a in annotations), "")
-    distribution = f.string(spec, "trafficDistribution", "spec.trafficDistribution")
+    # trafficDistribution and the topology-mode annotation need nothing here: they tell the
+    # EndpointSlice controller to write hints, and kube-proxy follows the hints alone.
 
     ports = []
     seen: set[ServicePortName] = set()
@@ -223,8 +218,6 @@ def service_state_ports(obj: Mapping[str, Any]) -> tuple[ServicePort, ...] | Non
             internal_policy=internal,
             external_policy=external,
             health_check_node_port=health_port,
-            traffic_distribution=distribution,
-            topology_mode=topology_mode,
         ))
     return tuple(ports)
 

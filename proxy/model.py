@@ -79,8 +79,6 @@ class ServicePort:
     internal_policy: Policy = Policy.CLUSTER
     external_policy: Policy = Policy.CLUSTER
     health_check_node_port: int = 0
-    traffic_distribution: str = ""
-    topology_mode: str = ""
 
     @property
     def captured_lb_ips(self) -> tuple[str, ...]:
