@@ -104,13 +104,6 @@ def _store(d: dict[NamespacedName, Mapping[str, Any]], k: NamespacedName,
         d[k] = obj
 
 
-@pytest.fixture(autouse=True)
-def _no_http_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """aiohttp sessions trust the environment: keep test traffic on 127.0.0.1, never via a proxy."""
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-
-
 @pytest_asyncio.fixture
 async def server() -> AsyncIterator[FakeApiServer]:
     async with FakeApiServer() as s:
