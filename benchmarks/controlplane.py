@@ -42,7 +42,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from tests.fakeapi.server import FakeApiServer
+from testbed.fakeapi.server import FakeApiServer
 
 from . import cp_net, cp_profile, cp_report, netns
 from . import cp_objects as objs

@@ -302,7 +302,7 @@ def _method(raw: dict[str, Any]) -> list[str]:
         "Everything runs in a private network namespace with only `lo`. Service *i* has clusterIP "
         "127.10.0.0+1+*i*, port 80/TCP, and one EndpointSlice whose endpoints are 127.20.0.0/14 "
         "addresses (127.24.0.0/14 for the other generation), port 8080; all of 127.0.0.0/8 is local, so "
-        "svcproxy adds no address. The fake API server (`tests/fakeapi`, real list/watch protocol) runs "
+        "svcproxy adds no address. The fake API server (`testbed/fakeapi`, real list/watch protocol) runs "
         "in the benchmark process; svcproxy is a separate process using the real kubernetes_asyncio "
         "client (`--master http://127.0.0.1:6443 --hostname-override node-a --vip-interface lo "
         "--nodeport-addresses 127.0.0.1/32`). The manifest run reads the same objects from 4 YAML "

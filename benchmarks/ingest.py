@@ -1,6 +1,6 @@
 """Watch ingest rate: how many Service and EndpointSlice events per second svcproxy applies.
 
-``python -m benchmarks.ingest [--count N]``: the fake API server (tests/fakeapi, in this
+``python -m benchmarks.ingest [--count N]``: the fake API server (testbed/fakeapi, in this
 process, on 127.0.0.1) and svcproxy as a subprocess through the real kubernetes_asyncio client.
 After the initial (empty) sync, N Services are created at once, then one 10-endpoint
 EndpointSlice for each; each phase ends when svcproxy's change counters have moved by N and
@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.request
 
-from tests.fakeapi.server import FakeApiServer
+from testbed.fakeapi.server import FakeApiServer
 
 
 def metrics(port: int) -> dict[str, float]:

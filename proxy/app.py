@@ -24,7 +24,7 @@ from proxy.dataplane.vip import Vips
 from proxy.proxier import Proxier
 from proxy.runner import Runner
 from proxy.settings import Settings, parse_host_port
-from proxy.sources import manifests
+from proxy.sources import WatchStats, manifests
 from proxy.tracker import ChangeTracker
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ class App:
         self._tasks: list[asyncio.Task[None]] = []
         self._web: list[web.AppRunner] = []
         self._collector: metrics.TrackerCollector | None = None
+        self.watch_stats = WatchStats()
+        self._watch_collector: metrics.WatchCollector | None = None
 
     def _request_sync(self) -> None:
         self.runner.request()
@@ -100,8 +102,10 @@ class App:
         else:
             from proxy.sources import kube  # the API client is heavy; the embedded mode skips it
 
+            self._watch_collector = metrics.WatchCollector(self.watch_stats)
+            metrics.REGISTRY.register(self._watch_collector)
             await kube.run(self.tracker, node_name=s.node_name, on_node=self._on_node,
-                           kubeconfig=s.kubeconfig, master=s.master)
+                           kubeconfig=s.kubeconfig, master=s.master, stats=self.watch_stats)
 
     def _on_node(self, node: Mapping[str, Any] | None) -> None:
         """This node's object: its zone label feeds topology hints, and a node being deleted is
@@ -165,9 +169,10 @@ class App:
             await self.proxier.shutdown(drain_seconds=self.settings.drain_timeout)
         for runner in self._web:
             await runner.cleanup()
-        if self._collector is not None:
-            metrics.REGISTRY.unregister(self._collector)
-            self._collector = None
+        for collector in (self._collector, self._watch_collector):
+            if collector is not None:
+                metrics.REGISTRY.unregister(collector)
+        self._collector = self._watch_collector = None
 
 
 async def cleanup(settings: Settings) -> int:

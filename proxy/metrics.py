@@ -5,6 +5,7 @@ Pure modules never import this; the proxier, health handlers and app record into
 
 from __future__ import annotations
 
+from collections import Counter as CounterType
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -47,7 +48,7 @@ livez_total = Counter(
     "kubeproxy_proxy_livez", "Cumulative proxy livez HTTP status", ["code"], registry=REGISTRY
 )
 
-__all__ = ["REGISTRY", "Counter", "TrackerCollector", "routes"]
+__all__ = ["REGISTRY", "Counter", "TrackerCollector", "WatchCollector", "routes"]
 
 
 class ChangeCounts(Protocol):
@@ -90,6 +91,38 @@ class TrackerCollector(Collector):
                 "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
                 "The last time a sync of proxy rules was queued", value=queued,
             )
+
+
+class WatchCounts(Protocol):
+    """What the API source counts (proxy.sources.WatchStats, a structural type)."""
+
+    events: CounterType[tuple[str, str]]
+    lists: CounterType[str]
+    pages: CounterType[str]
+    expired: CounterType[str]
+
+
+class WatchCollector(Collector):
+    """The API source's list/watch counts, read at scrape time (svcproxy's own; kube-proxy has none)."""
+
+    def __init__(self, stats: WatchCounts) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        events = CounterMetricFamily("svcproxy_watch_events", "Watch events received from the API server",
+                                     labels=["resource", "type"])
+        for (kind, type_), n in sorted(self._stats.events.items()):
+            events.add_metric([kind, type_], n)
+        yield events
+        for name, doc, counts in (
+            ("svcproxy_watch_lists", "Full lists (initial, and relists after a 410)", self._stats.lists),
+            ("svcproxy_watch_list_pages", "LIST responses (pages of --list-page-size items)", self._stats.pages),
+            ("svcproxy_watch_expired", "Expired resourceVersions (410 Gone)", self._stats.expired),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["resource"])
+            for kind, n in sorted(counts.items()):
+                family.add_metric([kind], n)
+            yield family
 
 
 def routes() -> list[web.RouteDef]:

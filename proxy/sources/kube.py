@@ -10,6 +10,8 @@ to test, bounded passes are not.
   at once, without a relist. BOOKMARK events move the resourceVersion on while nothing changes.
 * 410 Expired, as an ERROR event or as an HTTP status, relists with a consistent read; the relist is
   diffed against what the handler was told, so objects deleted meanwhile are reported deleted.
+* Lists are paginated (``limit``/``continue``, client-go's pager: 500 per page). If a continue token
+  expires mid-list, the list starts again without a limit, as client-go's pager falls back.
 * Any other failure (connection refused or cut, a stalled stream, 5xx, 403, bad JSON) backs off with
   jitter and resumes from the last resourceVersion. "No bytes for ``watch_idle_timeout``" counts as
   stalled: kube-apiserver sends a BOOKMARK about once a minute to watches that ask for them.
@@ -38,7 +40,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.config import incluster_config
 
 from proxy.model import NamespacedName
-from proxy.sources import Handler
+from proxy.sources import Handler, WatchStats
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ class WatchSettings:
     """While requests keep failing, say so at most this often (the first failure is logged at once)."""
     label_selector: str = PROXY_SELECTOR
     user_agent: str = "svcproxy"
+    list_page_size: int = 500
+    """Items per LIST page (client-go's pager default); 0 lists in one response."""
 
 
 class Expired(Exception):
@@ -136,8 +140,10 @@ class Reflector:
     diffed against it (client-go's Replace), which is how deletes missed while disconnected surface.
     """
 
-    def __init__(self, resource: Resource, deliver: Deliver, on_synced: Callable[[], None]) -> None:
+    def __init__(self, resource: Resource, deliver: Deliver, on_synced: Callable[[], None],
+                 stats: WatchStats | None = None) -> None:
         self.resource = resource
+        self.stats = stats or WatchStats()
         self.kind = resource.kind
         self._handler = deliver
         self._on_synced = on_synced
@@ -177,6 +183,7 @@ class Reflector:
         self.known = seen
         self.resource_version = list_rv
         self.lines += 1
+        self.stats.lists[self.kind] += 1
         if not self.synced:
             self.synced = True
             try:
@@ -190,6 +197,7 @@ class Reflector:
         if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
             raise ValueError(f"malformed {self.kind} watch event: {str(event)[:200]}")
         kind, obj = event.get("type"), event["object"]
+        self.stats.events[self.kind, str(kind)] += 1
         if kind == "BOOKMARK":
             self.resource_version = resource_version(obj) or self.resource_version
             return
@@ -214,6 +222,7 @@ class Reflector:
     def expire(self) -> None:
         """The resourceVersion is gone from the server's history: relist next."""
         self.resource_version = None
+        self.stats.expired[self.kind] += 1
 
 
 def status_error(status: Any) -> Expired | ApiError:
@@ -315,13 +324,8 @@ async def _request(reflector: Reflector, settings: WatchSettings, **params: Any)
     return cast(aiohttp.ClientResponse, resp)
 
 
-async def relist(reflector: Reflector, settings: WatchSettings, on_response: Callable[[], None]) -> None:
-    """List in full and hand the result to the reflector.
-
-    The first list may be served from the apiserver's watch cache (resourceVersion "0", as client-go);
-    a relist after 410 asks for a consistent read (no resourceVersion).
-    """
-    params = {} if reflector.synced else {"resource_version": "0"}
+async def _list_page(reflector: Reflector, settings: WatchSettings, on_response: Callable[[], None],
+                     **params: Any) -> dict[str, Any]:
     resp = await _request(reflector, settings, **params)
     try:
         await _check(resp)
@@ -329,13 +333,42 @@ async def relist(reflector: Reflector, settings: WatchSettings, on_response: Cal
         body = json.loads(await resp.read())
     finally:
         resp.release()
+    reflector.stats.pages[reflector.kind] += 1
     if not isinstance(body, dict) or not isinstance(body.get("items"), list):
         raise ValueError(f"{reflector.kind} list: not a list object")
+    return body
+
+
+async def relist(reflector: Reflector, settings: WatchSettings, on_response: Callable[[], None]) -> None:
+    """List in full, page by page, and hand the result to the reflector.
+
+    The first list may be served from the apiserver's watch cache (resourceVersion "0", as client-go;
+    the cache may then ignore ``limit``); a relist after 410 asks for a consistent read (no
+    resourceVersion). Every page of one list comes from the same snapshot; its resourceVersion is the
+    list's.
+    """
+    params: dict[str, Any] = {} if reflector.synced else {"resource_version": "0"}
+    limit = settings.list_page_size
+    items: list[Any] = []
+    body = await _list_page(reflector, settings, on_response, **params, **({"limit": limit} if limit else {}))
+    while True:
+        items.extend(body["items"])
+        token = (body.get("metadata") or {}).get("continue")
+        if not token:
+            break
+        try:
+            body = await _list_page(reflector, settings, on_response, limit=limit, _continue=token)
+        except Expired:
+            # The snapshot behind the token was compacted: start over in one piece (client-go's pager).
+            logger.info("%s: list continuation expired after %d items; listing in one piece",
+                        reflector.kind, len(items))
+            items = []
+            body = await _list_page(reflector, settings, on_response)
     list_rv = resource_version(body)
     if not list_rv:
         raise ValueError(f"{reflector.kind} list: no metadata.resourceVersion")
-    logger.debug("%s: listed %d objects at resourceVersion %s", reflector.kind, len(body["items"]), list_rv)
-    reflector.replace(body["items"], list_rv)
+    logger.debug("%s: listed %d objects at resourceVersion %s", reflector.kind, len(items), list_rv)
+    reflector.replace(items, list_rv)
 
 
 async def watch_stream(reflector: Reflector, settings: WatchSettings,
@@ -425,19 +458,20 @@ class _NodeSink:
 
 
 def reflectors(api: client.ApiClient, handler: Handler, *, node_name: str,
-               on_node: Callable[[Obj | None], None], settings: WatchSettings) -> list[Reflector]:
+               on_node: Callable[[Obj | None], None], settings: WatchSettings,
+               stats: WatchStats | None = None) -> list[Reflector]:
     core, discovery = client.CoreV1Api(api), client.DiscoveryV1Api(api)
     node = _NodeSink(on_node)
     return [
         Reflector(Resource("Service", "v1", core.list_service_for_all_namespaces,
                            label_selector=settings.label_selector),
-                  handler.on_service, lambda: handler.on_synced("Service")),
+                  handler.on_service, lambda: handler.on_synced("Service"), stats),
         Reflector(Resource("EndpointSlice", "discovery.k8s.io/v1",
                            discovery.list_endpoint_slice_for_all_namespaces,
                            label_selector=settings.label_selector),
-                  handler.on_endpoint_slice, lambda: handler.on_synced("EndpointSlice")),
+                  handler.on_endpoint_slice, lambda: handler.on_synced("EndpointSlice"), stats),
         Reflector(Resource("Node", "v1", core.list_node, field_selector=f"metadata.name={node_name}"),
-                  node.deliver, node.synced),
+                  node.deliver, node.synced, stats),
     ]
 
 
@@ -477,11 +511,13 @@ async def load_configuration(*, kubeconfig: str | None = None, master: str | Non
 
 
 async def watch_all(api: client.ApiClient, handler: Handler, *, node_name: str,
-                    on_node: Callable[[Obj | None], None], settings: WatchSettings) -> None:
+                    on_node: Callable[[Obj | None], None], settings: WatchSettings,
+                    stats: WatchStats | None = None) -> None:
     """Run every reflector until cancelled; if one fails unexpectedly, stop the others and raise."""
     health = ApiHealth(interval=settings.unreachable_log_interval)
     tasks = [asyncio.create_task(watch_forever(r, settings, health), name=f"watch {r.kind}")
-             for r in reflectors(api, handler, node_name=node_name, on_node=on_node, settings=settings)]
+             for r in reflectors(api, handler, node_name=node_name, on_node=on_node, settings=settings,
+                                 stats=stats)]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
@@ -494,7 +530,7 @@ async def watch_all(api: client.ApiClient, handler: Handler, *, node_name: str,
 
 async def run(handler: Handler, *, node_name: str, on_node: Callable[[Obj | None], None],
               kubeconfig: str | None = None, master: str | None = None,
-              settings: WatchSettings | None = None) -> None:
+              settings: WatchSettings | None = None, stats: WatchStats | None = None) -> None:
     """List+watch Services and EndpointSlices into ``handler`` and the own Node into ``on_node``.
 
     Runs until cancelled. ``handler.on_synced(kind)`` follows each kind's first full list.
@@ -504,5 +540,5 @@ async def run(handler: Handler, *, node_name: str, on_node: Callable[[Obj | None
     logger.info("watching the Kubernetes API at %s (node %s)", cfg.host, node_name)
     async with client.ApiClient(cfg) as api:
         api.user_agent = settings.user_agent
-        await watch_all(api, handler, node_name=node_name, on_node=on_node, settings=settings)
+        await watch_all(api, handler, node_name=node_name, on_node=on_node, settings=settings, stats=stats)
 

@@ -12,7 +12,7 @@ is never given an address, a route or a packet)::
                       kube-proxy's nftables default "primary"; nothing here dials localhost)
     pods nNa, nNb:    eth0 10.244.N.10 / .11 and fd00:244:N::10 / ::11, default routes via
                       their node, so clusterIPs (on the node's lo) are reached through it;
-                      podserver.py answers HTTP on 8080 and 9090 and echoes UDP on 5300
+                      testbed/podserver.py answers HTTP on 8080 and 9090 and echoes UDP on 5300
     client:           eth0 10.10.10.100/24, fd00:10::100/64; only the LAN is routed unless a
                       test adds a route (e.g. a LoadBalancer IP via node 1)
 
@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-PODSERVER = Path(__file__).with_name("podserver.py")
+PODSERVER = REPO / "testbed" / "podserver.py"
 NAMESPACE = "e2e"
 """The Kubernetes namespace of every test object."""
 HTTP_PORTS = (8080, 9090)

@@ -10,7 +10,7 @@ from typing import Any
 
 from proxy.app import App
 from proxy.settings import Settings
-from tests.fakeapi.server import FakeApiServer
+from testbed.fakeapi.server import FakeApiServer
 from tests.integration.harness import ask, endpoint_slice, eventually, refused, servers, service
 from tests.integration.test_http import get
 

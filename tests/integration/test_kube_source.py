@@ -18,7 +18,7 @@ from kubernetes_asyncio.config import ConfigException
 from proxy.model import NamespacedName
 from proxy.sources import kube
 from proxy.tracker import ChangeTracker
-from tests.fakeapi import FakeApiServer
+from testbed.fakeapi import FakeApiServer
 
 NODE = "node-a"
 FAST = kube.WatchSettings(
@@ -175,7 +175,7 @@ async def test_initial_list_then_synced_for_both_kinds(server: FakeApiServer) ->
     assert [obj["metadata"]["name"] for _, obj in rec.calls_of("Node")] == [NODE]
 
     [svc_list] = server.requests_for("Service", "list")
-    assert svc_list.query == {"labelSelector": kube.PROXY_SELECTOR, "resourceVersion": "0"}
+    assert svc_list.query == {"labelSelector": kube.PROXY_SELECTOR, "resourceVersion": "0", "limit": "500"}
     [slice_list] = server.requests_for("EndpointSlice", "list")
     assert slice_list.query["labelSelector"] == kube.PROXY_SELECTOR
     [node_list] = server.requests_for("Node", "list")
@@ -241,6 +241,56 @@ async def test_clean_end_rewatches_from_the_resource_version_without_relist(serv
     assert first.query["timeoutSeconds"] == "1"
     assert second.resource_version == first.resource_version
     assert len(server.requests_for("Service", "list")) == 1
+
+
+# -- pagination ----------------------------------------------------------------------------------
+
+
+async def test_lists_are_paginated_and_every_page_is_delivered(server: FakeApiServer) -> None:
+    for i in range(6):
+        server.upsert(service(f"s{i}", ip=f"10.96.1.{i}"))
+    stats = kube.WatchStats()
+    settings = dataclasses.replace(FAST, list_page_size=3)
+    rec = Recorder()
+    task = asyncio.create_task(kube.run(rec, node_name=NODE, on_node=rec.on_node, master=server.url,
+                                        settings=settings, stats=stats))
+    try:
+        await rec.wait_for(lambda: {"Service", "EndpointSlice"} <= set(rec.synced))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert set(rec.services) == {key("web"), *(key(f"s{i}") for i in range(6))}
+    assert rec.synced.count("Service") == 1
+    first, *rest = server.requests_for("Service", "list")
+    assert first.query["limit"] == "3" and "continue" not in first.query
+    assert [r.query.get("continue") for r in rest] == ["1:3", "1:6"]
+    assert all("resourceVersion" not in r.query for r in rest)  # a continuation carries its snapshot
+    assert stats.pages["Service"] == 3 and stats.lists["Service"] == 1
+
+
+async def test_an_expired_continue_token_lists_again_in_one_piece(server: FakeApiServer) -> None:
+    for i in range(4):
+        server.upsert(service(f"s{i}", ip=f"10.96.1.{i}"))
+    async with kube.client.ApiClient(kube.client.Configuration(host=server.url)) as api:
+        core = kube.client.CoreV1Api(api)
+        pages = 0
+
+        async def list_fn(**params: Any) -> Any:
+            nonlocal pages
+            pages += 1
+            if pages == 2:  # between two pages the snapshot is compacted away
+                server.upsert(service("late", ip="10.96.1.99"))
+                server.compact()
+            return await core.list_service_for_all_namespaces(**params)
+
+        delivered: dict[NamespacedName, Any] = {}
+        reflector = kube.Reflector(kube.Resource("Service", "v1", list_fn), delivered.__setitem__, lambda: None)
+        await kube.relist(reflector, dataclasses.replace(FAST, list_page_size=2), lambda: None)
+    queries = [r.query for r in server.requests_for("Service", "list")]
+    assert [q.get("limit") for q in queries] == ["2", "2", None]
+    assert set(delivered) == {key("web"), key("late"), *(key(f"s{i}") for i in range(4))}
+    assert reflector.resource_version == str(server.resource_version)
 
 
 # -- 410: relist ----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A protocol-faithful fake Kubernetes API server for tests and benchmarks (see ``server``)."""
 
-from tests.fakeapi.server import (
+from testbed.fakeapi.server import (
     DEFAULT_KINDS,
     FakeApiServer,
     Kind,

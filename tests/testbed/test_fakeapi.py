@@ -17,7 +17,7 @@ import pytest_asyncio
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from tests.fakeapi import FakeApiServer, SelectorError, parse_field_selector, parse_label_selector
+from testbed.fakeapi import FakeApiServer, SelectorError, parse_field_selector, parse_label_selector
 
 Server = FakeApiServer
 Api = client.ApiClient
@@ -458,7 +458,7 @@ async def test_standalone_process(tmp_path: Any) -> None:
     objects.write_text(json.dumps(service("from-file")))
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.fakeapi", "--port", "0", "--load", str(objects),
+        sys.executable, "-m", "testbed.fakeapi", "--port", "0", "--load", str(objects),
         "--bookmark-interval", "0", stdout=subprocess.PIPE, env=env)
     try:
         assert proc.stdout is not None

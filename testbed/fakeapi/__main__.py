@@ -1,4 +1,4 @@
-"""``python -m tests.fakeapi --port N [--load objects.yaml ...]``: the fake API server on its own.
+"""``python -m testbed.fakeapi --port N [--load objects.yaml ...]``: the fake API server on its own.
 
 Objects can be created, replaced and deleted through the usual REST paths (POST/PUT/DELETE), and
 ``POST /fake/<compact|bookmark|expire|close|drop|stall|unstall>[?kind=Service]`` drives the test controls.
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from tests.fakeapi.server import FakeApiServer
+from testbed.fakeapi.server import FakeApiServer
 
 
 def _documents(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -40,7 +40,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m tests.fakeapi", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m testbed.fakeapi", description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--bookmark-interval", type=float, default=60.0, help="seconds; 0 = on demand only")

@@ -15,7 +15,7 @@ What it does like kube-apiserver (the parts a list+watch client depends on):
 
 Test controls are plain methods (``upsert``, ``delete``, ``compact``, ``expire_watches``, ...); the
 request log (``requests``) lets a test assert what the client asked for. Run it standalone with
-``python -m tests.fakeapi --port N``; POST/PUT/DELETE on object paths and ``POST /fake/<control>``
+``python -m testbed.fakeapi --port N``; POST/PUT/DELETE on object paths and ``POST /fake/<control>``
 drive it from outside.
 """
 
@@ -360,6 +360,8 @@ class FakeApiServer:
         self._history: list[Event] = []
         self._rv = 1
         self._compacted = 0
+        self._snapshots: dict[int, tuple[int, list[Obj]]] = {}
+        """Paginated lists in progress: token id -> (resourceVersion, items), as etcd's snapshot."""
         self._watches: set[_Watch] = set()
         self._injections: list[_Injection] = []
         self._runner: web.AppRunner | None = None
@@ -638,12 +640,32 @@ class FakeApiServer:
         return Filter(namespace, parse_label_selector(request.query.get("labelSelector", "")), fields)
 
     def _list(self, request: web.Request, kind: Kind, namespace: str | None) -> web.Response:
-        flt = self._filter(request, namespace, None)
-        strip = ("kind", "apiVersion")
-        items = [{k: v for k, v in o.items() if k not in strip}
-                 for o in self._objects[kind.kind].values() if flt.matches(o)]
-        body = {"kind": kind.list_kind, "apiVersion": kind.api_version,
-                "metadata": {"resourceVersion": str(self._rv)}, "items": items}
+        """A LIST; with ``limit``, one page and a ``continue`` token over a fixed snapshot. A token
+        whose snapshot is older than the compaction point gets 410 Expired, as from etcd."""
+        limit = int(request.query.get("limit") or 0)
+        token = request.query.get("continue", "")
+        if token:
+            snap_id, _, offset_text = token.partition(":")
+            snap = self._snapshots.get(int(snap_id))
+            if snap is None or snap[0] < self._compacted:
+                return _status(410, "The provided continue parameter is too old to display a consistent list "
+                                    "result. You can start a new list without the continue parameter.")
+            rv, items = snap
+            offset = int(offset_text)
+        else:
+            flt = self._filter(request, namespace, None)
+            strip = ("kind", "apiVersion")
+            items = [{k: v for k, v in o.items() if k not in strip}
+                     for o in self._objects[kind.kind].values() if flt.matches(o)]
+            rv, offset = self._rv, 0
+            snap_id = str(len(self._snapshots) + 1)
+            if limit and len(items) > limit:
+                self._snapshots[int(snap_id)] = (rv, items)
+        page = items[offset:offset + limit] if limit else items
+        meta: dict[str, Any] = {"resourceVersion": str(rv)}
+        if limit and offset + limit < len(items):
+            meta["continue"] = f"{snap_id}:{offset + limit}"
+        body = {"kind": kind.list_kind, "apiVersion": kind.api_version, "metadata": meta, "items": page}
         return _json(body)
 
     def _expired_status(self, rv: int | str) -> Obj:

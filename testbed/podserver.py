@@ -1,12 +1,15 @@
 """A pod's servers for the e2e cluster: each answer names the pod and the address it came in on.
 
-Usage: ``python podserver.py NAME --addr IP [--addr IP ...] [--tcp PORT ...] [--udp PORT ...]``
+Usage: ``python podserver.py NAME --addr IP [--addr IP ...] [--tcp PORT ...] [--udp PORT ...]
+[--linger SECONDS]``
 
 * TCP ports speak just enough HTTP/1.1 for a probe: every request gets
   ``hello from NAME (IP:PORT)`` (IPv6 addresses unbracketed), then the connection closes.
 * UDP ports echo each datagram back as ``NAME (IP:PORT): <datagram>``.
 
-It runs inside a pod's network namespace and binds only the pod's own addresses.
+It runs inside a pod's network namespace and binds only the pod's own addresses. On SIGTERM it
+keeps serving for ``--linger`` seconds before it closes its sockets, as a pod with a preStop sleep
+does while the endpoint change reaches every proxy.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class Echo(asyncio.DatagramProtocol):
             self.transport.sendto(self.prefix + data, addr)
 
 
-async def serve(name: str, addrs: list[str], tcp: list[int], udp: list[int]) -> None:
+async def serve(name: str, addrs: list[str], tcp: list[int], udp: list[int], linger: float = 0.0) -> None:
     loop = asyncio.get_running_loop()
     closers = []
     for ip in addrs:
@@ -66,6 +69,9 @@ async def serve(name: str, addrs: list[str], tcp: list[int], udp: list[int]) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if linger > 0:
+        print(f"terminating: serving {linger:g}s more", flush=True)
+        await asyncio.sleep(linger)
     for close in closers:
         close()
 
@@ -76,8 +82,9 @@ def main() -> None:
     parser.add_argument("--addr", action="append", default=[])
     parser.add_argument("--tcp", action="append", type=int, default=[])
     parser.add_argument("--udp", action="append", type=int, default=[])
+    parser.add_argument("--linger", type=float, default=0.0)
     args = parser.parse_args()
-    asyncio.run(serve(args.name, args.addr, args.tcp, args.udp))
+    asyncio.run(serve(args.name, args.addr, args.tcp, args.udp, args.linger))
 
 
 if __name__ == "__main__":
