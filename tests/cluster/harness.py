@@ -159,6 +159,9 @@ class KubeCluster:
         eventually(lambda: len(self.kubectl_json("get", "nodes")["items"]) == 3, timeout=30, what="3 nodes")
         for node in self.nodes:
             node.proxy = self.start_proxy(node)
+        for node in self.nodes:
+            eventually(lambda node: "initial sync done" in self.log(f"svcproxy-{node.name}"), node, timeout=30,
+                       what=f"svcproxy on {node.name} synced")
 
     def _network(self) -> None:
         for ns in self.namespaces():
