@@ -340,7 +340,8 @@ class ControlPlane:
 
     def restart_apiserver(self) -> float:
         started = time.monotonic()
-        self._stop("kube-apiserver")
+        # It lingers on open watches after SIGTERM; 5 s is plenty for everything else to finish.
+        self._stop("kube-apiserver", grace=5)
         self.start_apiserver()
         return time.monotonic() - started
 

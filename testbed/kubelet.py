@@ -99,7 +99,7 @@ class Kubelet:
     # -- the Node -------------------------------------------------------------------------------
 
     async def register(self) -> None:
-        body = {"apiVersion": "v1", "kind": "Node",
+        body: Any = {"apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": self.node, "labels": {
                     "kubernetes.io/hostname": self.node, "kubernetes.io/os": "linux",
                     "kubernetes.io/arch": "amd64", "topology.kubernetes.io/zone": self.zone}},
@@ -128,7 +128,7 @@ class Kubelet:
     async def heartbeat(self) -> None:
         """Renew the node Lease (kube-node-lease/NODE) every 10 s, as the kubelet does."""
         coordination = client.CoordinationV1Api(self.api)
-        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        body: Any = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": self.node, "namespace": "kube-node-lease"},
                 "spec": {"holderIdentity": self.node, "leaseDurationSeconds": LEASE_SECONDS}}
         created = False
@@ -190,7 +190,8 @@ class Kubelet:
             logger.error("task failed: %r", task.exception())
 
     async def _start(self, rt: PodRuntime, spec: dict[str, Any]) -> None:
-        tcp, udp = [], []
+        tcp: list[int] = []
+        udp: list[int] = []
         for container in spec.get("containers", []):
             for p in container.get("ports", []) or []:
                 (udp if p.get("protocol") == "UDP" else tcp).append(int(p["containerPort"]))
@@ -264,7 +265,7 @@ class Kubelet:
             await self._delete(rt.key, rt.uid)
 
     async def _delete(self, key: NamespacedName, uid: str) -> None:
-        body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
+        body: Any = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
                 "preconditions": {"uid": uid} if uid else None}
         try:
             await self.core.delete_namespaced_pod(key.name, key.namespace, body=body)

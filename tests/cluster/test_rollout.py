@@ -40,7 +40,7 @@ def test_scale_3_5_2_and_rolling_update_lose_no_request(kube: KubeCluster) -> No
         last = eventually(settled, kube, 2, timeout=60, interval=0.5, what="the new pods served")
         steps.append(("v2", load.result.total, len(load.result.failures)))
     result = load.result
-    print(f"load: {result.total} requests, {len(result.failures)} failed; steps {steps}; answers {dict(result.answers)}")
+    print(f"load: {result.total} requests, {len(result.failures)} failed; steps {steps}; {dict(result.answers)}")
     assert not result.failures, f"{len(result.failures)} of {result.total} failed: {result.failures[:10]}"
     assert result.total >= 200, f"the load was too light to mean anything: {result.total} requests ({steps})"
     assert not set(last) & set(first), "the rolling update replaced every pod"
