@@ -641,8 +641,11 @@ class FakeApiServer:
 
     def _list(self, request: web.Request, kind: Kind, namespace: str | None) -> web.Response:
         """A LIST; with ``limit``, one page and a ``continue`` token over a fixed snapshot. A token
-        whose snapshot is older than the compaction point gets 410 Expired, as from etcd."""
+        whose snapshot is older than the compaction point gets 410 Expired, as from etcd. Like
+        kube-apiserver, ``resourceVersion=0`` is answered whole (from its watch cache): no paging."""
         limit = int(request.query.get("limit") or 0)
+        if request.query.get("resourceVersion") == "0":
+            limit = 0
         token = request.query.get("continue", "")
         if token:
             snap_id, _, offset_text = token.partition(":")

@@ -246,7 +246,7 @@ async def test_clean_end_rewatches_from_the_resource_version_without_relist(serv
 # -- pagination ----------------------------------------------------------------------------------
 
 
-async def test_lists_are_paginated_and_every_page_is_delivered(server: FakeApiServer) -> None:
+async def test_relists_are_paginated_and_every_page_is_delivered(server: FakeApiServer) -> None:
     for i in range(6):
         server.upsert(service(f"s{i}", ip=f"10.96.1.{i}"))
     stats = kube.WatchStats()
@@ -256,17 +256,26 @@ async def test_lists_are_paginated_and_every_page_is_delivered(server: FakeApiSe
                                         settings=settings, stats=stats))
     try:
         await rec.wait_for(lambda: {"Service", "EndpointSlice"} <= set(rec.synced))
+        await server.wait_for_watchers("Service")
+        # The first list (resourceVersion 0) is answered whole, as kube-apiserver does from its cache.
+        [first] = server.requests_for("Service", "list")
+        assert first.query["limit"] == "3" and first.query["resourceVersion"] == "0"
+        assert stats.pages["Service"] == 1
+        # A relist after 410 is a consistent read, paged.
+        server.drop_watches("Service")
+        server.delete("Service", "default", "s0")
+        server.compact()
+        await rec.wait_for(lambda: key("s0") not in rec.services)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    assert set(rec.services) == {key("web"), *(key(f"s{i}") for i in range(6))}
-    assert rec.synced.count("Service") == 1
-    first, *rest = server.requests_for("Service", "list")
-    assert first.query["limit"] == "3" and "continue" not in first.query
-    assert [r.query.get("continue") for r in rest] == ["1:3", "1:6"]
+    assert set(rec.services) == {key("web"), *(key(f"s{i}") for i in range(1, 6))}
+    relist, *rest = server.requests_for("Service", "list")[1:]
+    assert relist.query["limit"] == "3" and "resourceVersion" not in relist.query
+    assert [r.query.get("continue") for r in rest] == ["1:3"]
     assert all("resourceVersion" not in r.query for r in rest)  # a continuation carries its snapshot
-    assert stats.pages["Service"] == 3 and stats.lists["Service"] == 1
+    assert stats.pages["Service"] == 3 and stats.lists["Service"] == 2 and stats.expired["Service"] == 1
 
 
 async def test_an_expired_continue_token_lists_again_in_one_piece(server: FakeApiServer) -> None:
@@ -286,6 +295,7 @@ async def test_an_expired_continue_token_lists_again_in_one_piece(server: FakeAp
 
         delivered: dict[NamespacedName, Any] = {}
         reflector = kube.Reflector(kube.Resource("Service", "v1", list_fn), delivered.__setitem__, lambda: None)
+        reflector.synced = True  # a relist (after a 410): a consistent read, which is paged
         await kube.relist(reflector, dataclasses.replace(FAST, list_page_size=2), lambda: None)
     queries = [r.query for r in server.requests_for("Service", "list")]
     assert [q.get("limit") for q in queries] == ["2", "2", None]
