@@ -420,6 +420,15 @@ def up(options: Options) -> int:
             pidfile.unlink(missing_ok=True)
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited `up` whose parent has not reaped it yet is done)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 def down(state_dir: Path, timeout: float = 30.0) -> int:
     pidfile = state_dir.with_suffix(".pid")
     try:
@@ -430,9 +439,7 @@ def down(state_dir: Path, timeout: float = 30.0) -> int:
         return 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             return 0
         time.sleep(0.1)
     print(f"control plane (pid {pid}) still running after {timeout:.0f}s", file=sys.stderr)
