@@ -227,11 +227,13 @@ class Client(_Side):
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
         other = self.backend if side is self else self
         if other is not None and other.transport is not None:
-            # A reset on one side is a reset on the other; a clean close lets the peer flush.
+            # A reset (or any error) on one side is a reset on the other: a plain abort would
+            # send a FIN when nothing is unread, and the peer would take cut data for a clean end.
+            # A clean close lets the peer flush.
             if exc is None:
                 other.transport.close()
             else:
-                other.transport.abort()
+                _reset(other.transport)
         if side is self and self._dial is not None:
             self._dial.cancel()
         if self.transport is None and (self.backend is None or self.backend.transport is None):

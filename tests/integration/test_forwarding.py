@@ -261,3 +261,51 @@ async def test_client_ip_affinity(tmp_path: Path) -> None:
         # Different clients are still spread round robin.
         firsts = {await ask_from(f"127.0.1.{i}", VIP, 8092) for i in range(1, 7)}
         assert firsts == set(BACKENDS)
+
+
+class ResetMidResponse(asyncio.Protocol):
+    """Sends part of an answer, then resets the connection (SO_LINGER 0), as a crashing backend."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t: asyncio.Transport = transport  # type: ignore[assignment]
+        t.write(b"x" * 1043)
+        sock = t.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        asyncio.get_running_loop().call_later(0.05, t.abort)
+
+
+async def test_backend_reset_mid_response_resets_the_client(tmp_path: Path) -> None:
+    objs = [service("rst", VIP, 8095), endpoint_slice("rst", PORT, BACKENDS[:1])]
+    async with servers([(BACKENDS[0], PORT)], lambda ip: ResetMidResponse()), running_proxy(tmp_path, objs):
+        for _ in range(5):
+            reader, writer = await asyncio.open_connection(VIP, 8095)
+            got = b""
+            with pytest.raises(ConnectionResetError):  # not a clean EOF: the data is known to be cut
+                for _ in range(100):
+                    chunk = await asyncio.wait_for(reader.read(65536), 5)
+                    if not chunk:
+                        break
+                    got += chunk
+            writer.close()
+            assert len(got) <= 1043
+
+
+async def test_client_reset_resets_the_backend(tmp_path: Path) -> None:
+    seen: list[BaseException | None] = []
+
+    class Recorder(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            transport.write(b"hello")  # type: ignore[attr-defined]
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            seen.append(exc)
+
+    objs = [service("rst2", VIP, 8096), endpoint_slice("rst2", PORT, BACKENDS[:1])]
+    async with servers([(BACKENDS[0], PORT)], lambda ip: Recorder()), running_proxy(tmp_path, objs):
+        reader, writer = await asyncio.open_connection(VIP, 8096)
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == b"hello"
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                   b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.transport.abort()  # linger 0: a RST
+        await eventually(lambda: seen, timeout=5)
+        assert isinstance(seen[0], ConnectionResetError), seen
