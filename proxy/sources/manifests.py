@@ -3,9 +3,15 @@
 ``--manifests PATH`` names a file or a directory (read recursively, hidden entries skipped, so a
 mounted ConfigMap's ``..data`` links are not read twice). Files are multi-document and may hold
 ``Service``, ``EndpointSlice`` and ``List`` objects, and this node's ``Node`` (its zone label and
-deletion state matter, as from the API). Files are polled for changes; a file that
-fails to parse is reported with its line and keeps the objects it last had, so a half-saved edit
-never takes a service down.
+deletion state matter, as from the API). Files are polled for changes.
+
+A half-saved edit never takes a service down (editors often save in place: truncate, then write):
+
+* a file that fails to parse is reported with its line and keeps the objects it last had;
+* so does a file with a document that has no ``kind`` or ``apiVersion`` (a file cut short
+  inside a document), which kubectl would refuse too;
+* a file that became empty keeps its objects, with a warning: delete the file to remove them;
+* a file that changed while it was read is read again at the next poll.
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ def parse(path: Path, text: str) -> dict[ObjKey, dict[str, Any]]:
             continue
         for obj in _flatten(path, i, doc):
             kind = obj.get("kind")
+            for required in ("apiVersion", "kind"):
+                if not isinstance(obj.get(required), str) or not obj[required]:
+                    raise ManifestError(f"{path}: document {i}: no {required} (a file cut short?)")
             if kind not in KINDS:
                 logger.debug("%s: document %d: skipping kind %r", path, i, kind)
                 continue
@@ -89,6 +98,14 @@ def _flatten(path: Path, index: int, doc: Any) -> Iterator[dict[str, Any]]:
         yield doc
 
 
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 class ManifestSet:
     """The objects of every file under a path, re-read when a file changes."""
 
@@ -116,21 +133,30 @@ class ManifestSet:
         for gone in set(self._files) - set(paths):
             del self._files[gone]
         for path in paths:
-            try:
-                st = path.stat()
-            except OSError:
+            signature = _signature(path)
+            if signature is None:
                 continue  # vanished between listing and stat: the next scan sees it gone
-            signature = (st.st_mtime_ns, st.st_size, st.st_ino)
             known = self._files.get(path)
             if known is not None and known.signature == signature:
                 continue
             entry = known or _File(signature)
+            try:
+                text = path.read_text()
+                if _signature(path) != signature:
+                    continue  # written while we read: take it whole at the next poll
+                objects = parse(path, text)
+            except UnicodeDecodeError as e:
+                logger.error("cannot load %s: not UTF-8 (%s) (keeping its last good objects)", path, e.reason)
+            except (ManifestError, OSError) as e:
+                logger.error("cannot load %s (keeping its last good objects)", e)
+            else:
+                if not text.strip() and entry.objects:
+                    logger.warning("%s is empty now: keeping its %d objects (a save in progress?); "
+                                   "delete the file to remove them", path, len(entry.objects))
+                else:
+                    entry.objects = objects
             entry.signature = signature
             self._files[path] = entry
-            try:
-                entry.objects = parse(path, path.read_text())
-            except (ManifestError, OSError, UnicodeDecodeError) as e:
-                logger.error("cannot load %s (keeping its last good objects)", e)
         merged: dict[ObjKey, dict[str, Any]] = {}
         for path in sorted(self._files):
             for key, obj in self._files[path].objects.items():

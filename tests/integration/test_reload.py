@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from pathlib import Path
 
 import pytest
+
+import yaml
 
 from tests.integration.harness import (
     ask,
@@ -84,3 +88,43 @@ async def test_invalid_service_is_logged_and_others_keep_working(
         assert await answers(VIP, 8094) == {BACKENDS[0]}
         assert await refused(VIP2, 8093)
         assert "Service default/bad: spec.ports[0].port: 70000 is out of range" in caplog.text
+
+
+async def test_files_rewritten_in_place_under_load_lose_no_request(tmp_path: Path) -> None:
+    """Editors save in place: truncate, then write. The poller must never act on the gap."""
+    objs = [service("web", VIP, 8093), endpoint_slice("web", PORT, BACKENDS)]
+    text = yaml.safe_dump_all(objs)
+    cut = len(text) // 2
+    async with servers([(ip, PORT) for ip in BACKENDS]), running_proxy(tmp_path, objs):
+        failures: list[str] = []
+        answered = 0
+        stop = asyncio.Event()
+
+        async def client() -> None:
+            nonlocal answered
+            while not stop.is_set():
+                try:
+                    got = await ask(VIP, 8093, timeout=2.0)
+                except OSError as e:
+                    failures.append(repr(e))
+                else:
+                    if got in BACKENDS:
+                        answered += 1
+                    else:
+                        failures.append(repr(got))
+
+        clients = [asyncio.create_task(client()) for _ in range(4)]
+        for _ in range(40):  # bounded: 40 saves, each one poll interval or so apart
+            fd = os.open(tmp_path / "svc.yaml", os.O_WRONLY | os.O_TRUNC)
+            try:
+                await asyncio.sleep(0.03)  # the truncated file, as a slow editor leaves it
+                os.write(fd, text[:cut].encode())
+                await asyncio.sleep(0.03)  # half written: the slice cut short
+                os.write(fd, text[cut:].encode())
+            finally:
+                os.close(fd)
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.gather(*clients)
+    assert not failures, f"{len(failures)} failed of {answered + len(failures)}: {failures[:5]}"
+    assert answered > 100

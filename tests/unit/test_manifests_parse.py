@@ -76,10 +76,12 @@ def test_yaml_syntax_error_names_file_and_line(text: str, line: int) -> None:
     [
         ("- a\n- b\n", "document 1: expected an object"),
         (dump(make_service(), {"kind": "List", "items": {"a": 1}}), "document 2: List items must be a list"),
-        ("kind: Service\nmetadata: {namespace: x}\n", "document 1: Service has no metadata.name"),
-        ("kind: EndpointSlice\n", "document 1: EndpointSlice has no metadata.name"),
+        ("apiVersion: v1\nkind: Service\nmetadata: {namespace: x}\n", "document 1: Service has no metadata.name"),
+        ("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n", "document 1: EndpointSlice has no metadata.name"),
+        ("apiVersion: v1\nmetadata: {name: web}\n", "document 1: no kind"),
+        (dump(make_service(), {"metadata": {"name": "cut"}}), "document 2: no apiVersion"),
     ],
-    ids=["not-a-mapping", "items-not-list", "no-name", "no-metadata"],
+    ids=["not-a-mapping", "items-not-list", "no-name", "no-metadata", "no-kind", "cut-before-kind"],
 )
 def test_unusable_document_names_file_and_document(text: str, message: str) -> None:
     with pytest.raises(ManifestError, match=f"^web.yaml: {message}"):
@@ -184,3 +186,41 @@ def test_object_moved_between_files_is_not_deleted(files: Files) -> None:
     a.unlink()
     assert ms.scan() == ({}, [])
     assert set(ms.objects) == {SVC}
+
+
+def test_a_file_cut_short_keeps_its_last_good_objects(files: Files, caplog: pytest.LogCaptureFixture) -> None:
+    """`head -n 30 full.yaml > web.yaml`: the slice is cut before its kind."""
+    ms = ManifestSet(files.root)
+    full = dump(make_service(), make_slice())
+    files.write("web.yaml", full)
+    assert set(ms.scan()[0]) == {SVC, SLICE}
+    cut = full[:full.index("kind: EndpointSlice")]
+    assert cut.rstrip().endswith("apiVersion: discovery.k8s.io/v1")
+    with caplog.at_level(logging.ERROR, logger="proxy.sources.manifests"):
+        files.write("web.yaml", cut)
+        assert ms.scan() == ({}, [])
+    assert "document 2: no kind" in caplog.text
+    assert set(ms.objects) == {SVC, SLICE}
+    files.write("web.yaml", full)  # saved whole again: nothing changed
+    assert ms.scan() == ({}, [])
+
+
+def test_an_emptied_file_keeps_its_objects_until_deleted(files: Files, caplog: pytest.LogCaptureFixture) -> None:
+    ms = ManifestSet(files.root)
+    path = files.write("web.yaml", dump(make_service(), make_slice()))
+    ms.scan()
+    with caplog.at_level(logging.WARNING, logger="proxy.sources.manifests"):
+        files.write("web.yaml", "")
+        assert ms.scan() == ({}, [])
+    assert "is empty now: keeping its 2 objects" in caplog.text
+    path.unlink()
+    assert ms.scan() == ({}, [SVC, SLICE])
+
+
+def test_a_file_that_is_not_utf8_is_named(files: Files, caplog: pytest.LogCaptureFixture) -> None:
+    ms = ManifestSet(files.root)
+    path = files.root / "bad.yaml"
+    path.write_bytes(b"apiVersion: v1\nkind: Service\nmetadata: {name: \xff}\n")
+    with caplog.at_level(logging.ERROR, logger="proxy.sources.manifests"):
+        assert ms.scan() == ({}, [])
+    assert f"cannot load {path}: not UTF-8" in caplog.text
