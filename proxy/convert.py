@@ -326,8 +326,16 @@ def merge_endpoints(
     return tuple(result)
 
 
-def service_state(ports: tuple[ServicePort, ...], slices: Iterable[EndpointSliceInfo]) -> ServiceState:
-    return ServiceState(ports, merge_endpoints(ports, slices))
+def service_state(ports: tuple[ServicePort, ...], slices: Iterable[EndpointSliceInfo],
+                  created: str = "") -> ServiceState:
+    return ServiceState(ports, merge_endpoints(ports, slices), created)
+
+
+def creation_timestamp(obj: Mapping[str, Any]) -> str:
+    """metadata.creationTimestamp as given (manifests often have none: "")."""
+    meta = obj.get("metadata")
+    value = meta.get("creationTimestamp") if isinstance(meta, Mapping) else None
+    return str(value) if value else ""
 
 
 __all__ = [

@@ -41,6 +41,12 @@ sync_last_timestamp = Gauge(
     "The last time proxy rules were successfully synced",
     registry=REGISTRY,
 )
+conflicts = Gauge(
+    "svcproxy_service_conflicts",
+    "Addresses and ports (nodePorts, clusterIP:port, health check ports) wanted by more than one Service; "
+    "the oldest Service has each",
+    registry=REGISTRY,
+)
 healthz_total = Counter(
     "kubeproxy_proxy_healthz", "Cumulative proxy healthz HTTP status", ["code"], registry=REGISTRY
 )

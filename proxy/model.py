@@ -132,6 +132,8 @@ class ServiceState:
 
     ports: tuple[ServicePort, ...] = ()
     endpoints: tuple[tuple[ServicePortName, tuple[Endpoint, ...]], ...] = ()
+    created: str = ""
+    """metadata.creationTimestamp (RFC 3339, so it sorts as text): the older Service wins a conflict."""
 
     def endpoints_of(self, name: ServicePortName) -> tuple[Endpoint, ...]:
         for key, eps in self.endpoints:

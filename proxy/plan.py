@@ -194,8 +194,11 @@ def desired(state: ServiceState, node: Node) -> tuple[dict[ListenerKey, Listener
 class Table:
     """What has been planned so far, so each sync plans only the Services that changed.
 
-    Several Services may want the same address and port; the one that asked first gets it (a
-    conflict kube-proxy would also report), and when it lets go the next one in line takes over.
+    Several Services may want the same address and port (two Services given one nodePort, say,
+    which only manifests can do). As kube-proxy orders Services, the older one gets it
+    (``metadata.creationTimestamp``), then the one first by namespace/name; the others are
+    reported, and when the holder lets go the next in that order takes over. The choice never
+    depends on the order changes arrived in.
     """
 
     def __init__(self, node: Node) -> None:
@@ -254,14 +257,23 @@ class Table:
         self.node = node
         return self.update(dict(self.services), force=True)
 
+    def _rank(self, key: NamespacedName) -> tuple[str, NamespacedName]:
+        return self.services[key].created if key in self.services else "", key
+
+    @property
+    def conflicts(self) -> int:
+        """Listener and health check keys wanted by more than one Service."""
+        return sum(len(w) > 1 for w in self._wants.values()) + sum(len(q) > 1 for q in self._health_wants.values())
+
     def _settle(self, lkey: ListenerKey, plan: Plan) -> None:
-        """Give a listener key to the first Service that still wants it; plan the difference."""
+        """Give a listener key to the Service first in order that wants it; plan the difference."""
         wants = self._wants.get(lkey, {})
-        new = next(iter(wants.values()), None)
+        order = sorted(wants, key=self._rank)
+        new = wants[order[0]] if order else None
         old = self.listeners.get(lkey)
-        if len(wants) > 1:
-            first, *others = wants
-            logger.error("%s is wanted by %s; %s has it", lkey, ", ".join(map(str, others)), first)
+        if len(order) > 1:
+            logger.error("%s %s:%d is wanted by %s; %s has it (the oldest Service, then by name)", lkey.protocol,
+                         lkey.ip, lkey.port, ", ".join(map(str, order[1:])), order[0])
         if new == old:
             return
         if new is None:
@@ -342,12 +354,12 @@ class Table:
         return had ^ wanted
 
     def _settle_health(self, hkey: ListenerKey, plan: Plan) -> None:
-        queue = self._health_wants.get(hkey, {})
-        new = next(iter(queue), None)
+        queue = sorted(self._health_wants.get(hkey, {}), key=self._rank)
+        new = queue[0] if queue else None
         old = self.health.get(hkey)
         if len(queue) > 1:
-            first, *others = queue
-            logger.error("health check port %s is wanted by %s; %s has it", hkey, ", ".join(map(str, others)), first)
+            logger.error("health check port %s:%d is wanted by %s; %s has it (the oldest Service, then by name)",
+                         hkey.ip, hkey.port, ", ".join(map(str, queue[1:])), queue[0])
         if new == old:
             return
         if old is not None:

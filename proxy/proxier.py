@@ -103,6 +103,7 @@ class Proxier:
         self.health.updated()
         metrics.sync_duration.observe(elapsed)
         metrics.sync_last_timestamp.set_to_current_time()
+        metrics.conflicts.set(self.table.conflicts)
         logger.debug("sync done in %.1f ms", elapsed * 1000)
 
     async def _apply(self, plan: Plan) -> None:

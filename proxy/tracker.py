@@ -30,6 +30,7 @@ class ChangeTracker:
         self._clock = clock
         self._on_change = on_change
         self._ports: dict[NamespacedName, tuple[ServicePort, ...]] = {}
+        self._created: dict[NamespacedName, str] = {}
         # Slices per Service, then per slice name: a Service's endpoints span many slices.
         self._slices: dict[NamespacedName, dict[str, EndpointSliceInfo]] = {}
         self._slice_owner: dict[NamespacedName, NamespacedName] = {}
@@ -60,8 +61,10 @@ class ChangeTracker:
         old = self._ports.get(key)
         if ports is None:
             self._ports.pop(key, None)
+            self._created.pop(key, None)
         else:
             self._ports[key] = ports
+            self._created[key] = convert.creation_timestamp(obj or {})
         if old != ports:
             self.service_changes_pending += 1
             self.service_changes_total += 1
@@ -132,7 +135,7 @@ class ChangeTracker:
         ports = self._ports.get(key)
         if not ports:
             return ServiceState()
-        return convert.service_state(ports, self._slices.get(key, {}).values())
+        return convert.service_state(ports, self._slices.get(key, {}).values(), self._created.get(key, ""))
 
     def mark_all(self) -> None:
         """Recompute every Service at the next sync (node addresses changed, say)."""

@@ -204,7 +204,7 @@ async def test_established_connection_survives_endpoint_and_service_removal(tmp_
         reader, writer = await asyncio.open_connection(VIP, 8088)
         writer.write(b"before")
         await writer.drain()
-        write_manifests(tmp_path / "svc.yaml", [])  # the whole Service goes away
+        (tmp_path / "svc.yaml").unlink()  # the whole Service goes away
         await eventually(lambda: refused(VIP, 8088))
         writer.write(b" after")
         writer.write_eof()

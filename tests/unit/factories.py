@@ -155,4 +155,4 @@ def state_of(svc: dict[str, Any], *slices: dict[str, Any]) -> ServiceState:
     ports = convert.service_state_ports(svc)
     assert ports is not None, "state_of() needs a Service that is proxied"
     infos = [convert.endpoint_slice(s) for s in slices]
-    return convert.service_state(ports, [i for i in infos if i is not None])
+    return convert.service_state(ports, [i for i in infos if i is not None], convert.creation_timestamp(svc))

@@ -33,7 +33,9 @@ def web(*slices: dict[str, Any], **spec: Any) -> ServiceState:
     """State of default/web, a NodePort service on 80/30080 (tweak with spec) with these slices."""
     spec.setdefault("type", "NodePort")
     spec.setdefault("ports", [service_port("http", 80, node_port=30080)])
-    return state_of(make_service(**spec), *(slices or (make_slice(),)))
+    svc = make_service(**spec)
+    svc["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"  # older than other()'s
+    return state_of(svc, *(slices or (make_slice(),)))
 
 
 def two_endpoints(*, b_node: str = "node-b") -> dict[str, Any]:
@@ -152,8 +154,11 @@ def test_unknown_service_removed_plans_nothing() -> None:
 
 # -- services sharing addresses ---------------------------------------------------------------------
 
-def other(name: str, *, port: int = 443, **spec: Any) -> tuple[NamespacedName, ServiceState]:
+def other(name: str, *, port: int = 443, created: str = "2026-01-02T00:00:00Z",
+          **spec: Any) -> tuple[NamespacedName, ServiceState]:
     svc = make_service(name=name, clusterIP="10.96.0.20", ports=[service_port("https", port)], **spec)
+    if created:
+        svc["metadata"]["creationTimestamp"] = created
     sl = make_slice(name=f"{name}-1", service=name, endpoints=[endpoint("10.244.9.9")],
                     ports=[{"name": "https", "protocol": "TCP", "port": 8443}])
     return NamespacedName("default", name), state_of(svc, sl)
@@ -172,7 +177,7 @@ def test_shared_vip_is_removed_with_its_last_user() -> None:
     assert plan.remove_vips == {"203.0.113.5", "10.96.0.20"}
 
 
-def test_listener_claimed_twice_stays_with_the_first(caplog: pytest.LogCaptureFixture) -> None:
+def test_listener_claimed_twice_goes_to_the_older_service(caplog: pytest.LogCaptureFixture) -> None:
     table = Table(NODE)
     table.update({WEB: web(externalIPs=["203.0.113.5"])})
     api, api_state = other("api", port=80, externalIPs=["203.0.113.5"])
@@ -182,7 +187,8 @@ def test_listener_claimed_twice_stays_with_the_first(caplog: pytest.LogCaptureFi
     assert table.owner[tcp("203.0.113.5", 80)] == WEB
     assert table.listeners[tcp("203.0.113.5", 80)].pool.name == HTTP
     assert tcp("10.96.0.20", 80) in opened(plan)  # the rest of api is served
-    assert any("203.0.113.5:80/TCP" in r.getMessage() for r in caplog.records)
+    assert any("TCP 203.0.113.5:80 is wanted by default/api; default/web has it" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_holder_keeps_the_listener_across_its_own_updates() -> None:
@@ -217,6 +223,39 @@ def test_address_moved_between_services_in_one_sync_any_order() -> None:
     plan = table.update({api: api_moved, WEB: web()})  # the checkout order is arbitrary
     assert tcp("203.0.113.5", 80) not in plan.close
     assert table.owner.get(tcp("203.0.113.5", 80)) == api
+
+
+@pytest.mark.parametrize("api_first", [True, False])
+def test_conflict_is_decided_by_age_then_name_never_by_arrival(api_first: bool,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Two Services given one nodePort: the same one wins whichever arrives first (and in one sync)."""
+    def claimant(name: str, created: str) -> tuple[NamespacedName, ServiceState]:
+        svc = make_service(name=name, clusterIP=f"10.96.0.{len(name)}", type="NodePort",
+                           ports=[service_port("http", 80, node_port=31852)])
+        if created:
+            svc["metadata"]["creationTimestamp"] = created
+        return NamespacedName("default", name), state_of(svc, make_slice(service=name))
+
+    for stamps, winner in ((("", ""), "alpha"), (("2026-03-01T00:00:00Z", "2026-02-01T00:00:00Z"), "beta")):
+        alpha, beta = claimant("alpha", stamps[0]), claimant("beta", stamps[1])
+        order = [alpha, beta] if api_first else [beta, alpha]
+        one_by_one, together = Table(NODE), Table(NODE)
+        for key, state in order:
+            one_by_one.update({key: state})
+        together.update(dict(order))
+        for table in (one_by_one, together):
+            assert table.owner[tcp("192.168.1.10", 31852)] == NamespacedName("default", winner)
+            assert table.conflicts == len([k for k in table.listeners if k.port == 31852]) > 0
+    assert "is wanted by" in caplog.text and "the oldest Service, then by name" in caplog.text
+
+
+def test_an_older_service_arriving_later_takes_the_listener_over() -> None:
+    table = Table(NODE)
+    api, api_state = other("api", port=80, externalIPs=["203.0.113.5"])
+    table.update({api: api_state})
+    plan = table.update({WEB: web(externalIPs=["203.0.113.5"])})  # web is older
+    assert table.owner[tcp("203.0.113.5", 80)] == WEB
+    assert tcp("203.0.113.5", 80) in {s.key for s in plan.retarget}
 
 
 def test_released_listener_goes_to_the_waiting_service() -> None:
@@ -483,7 +522,7 @@ def test_health_port_released_goes_to_the_waiting_service(caplog: pytest.LogCapt
     table, api, api_state = health_port_reused()
     with caplog.at_level(logging.ERROR, logger="proxy.plan"):
         table.update({api: api_state})
-    assert table.health == {tcp("192.168.1.10", 31999): WEB}  # first come, first served
+    assert table.health == {tcp("192.168.1.10", 31999): WEB}  # the older Service
     assert any("31999" in r.getMessage() for r in caplog.records)
     plan = table.update({WEB: ServiceState()})
     assert table.health == {tcp("192.168.1.10", 31999): api}
