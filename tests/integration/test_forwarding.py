@@ -19,7 +19,6 @@ from tests.integration.harness import (
     running_proxy,
     servers,
     service,
-    write_manifests,
 )
 
 VIP = "127.0.0.100"
