@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import socket
 import time
@@ -33,6 +34,10 @@ TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
+class ConfigurationError(Exception):
+    """A setting that cannot work (say, an unreadable kubeconfig); the message says which."""
+
+
 class App:
     """One svcproxy instance. ``start()`` returns once the servers are up; ``stop()`` drains."""
 
@@ -52,6 +57,8 @@ class App:
         self._web: list[web.AppRunner] = []
         self._collector: metrics.TrackerCollector | None = None
         self.watch_stats = WatchStats()
+        self.api: Any = None
+        """The API server's client configuration, loaded before anything is bound."""
         self._watch_collector: metrics.WatchCollector | None = None
 
     def _request_sync(self) -> None:
@@ -71,6 +78,16 @@ class App:
 
     async def start(self) -> None:
         s = self.settings
+        if self.api is None and s.manifests is None:
+            # Before anything is bound: a bad kubeconfig is one clear line and exit code 1.
+            from proxy.sources import kube  # the API client is heavy; the embedded mode skips it
+
+            if s.kubeconfig and not os.access(s.kubeconfig, os.R_OK):
+                raise ConfigurationError(f"--kubeconfig: {s.kubeconfig} does not exist or is not readable")
+            try:
+                self.api = await kube.load_configuration(kubeconfig=s.kubeconfig, master=s.master)
+            except Exception as e:  # kubernetes_asyncio raises several unrelated types here
+                raise ConfigurationError(f"cannot load the API server configuration: {e}") from None
         loop = asyncio.get_running_loop()
         vips = Vips(s.vip_interface)
         await vips.adopt()
@@ -81,9 +98,15 @@ class App:
         )
         self._collector = metrics.TrackerCollector(self.tracker, self._last_queued_wall)
         metrics.REGISTRY.register(self._collector)
-        self.healthz_address = await self._serve_http(s.healthz_bind_address, "--healthz-bind-address",
-                                                      health.routes(self.health))
-        if s.metrics_bind_address:
+        if s.shared_http_address():
+            # One socket for both, as asked: two sockets on one port would split the requests.
+            metrics_routes = [r for r in metrics.routes() if r.path != "/healthz"]
+            self.healthz_address = self.metrics_address = await self._serve_http(
+                s.healthz_bind_address, "--healthz-bind-address", health.routes(self.health) + metrics_routes)
+        else:
+            self.healthz_address = await self._serve_http(s.healthz_bind_address, "--healthz-bind-address",
+                                                          health.routes(self.health))
+        if s.metrics_bind_address and not s.shared_http_address():
             self.metrics_address = await self._serve_http(s.metrics_bind_address, "--metrics-bind-address",
                                                           metrics.routes())
         self._spawn(self.runner.loop())
@@ -105,7 +128,7 @@ class App:
             self._watch_collector = metrics.WatchCollector(self.watch_stats)
             metrics.REGISTRY.register(self._watch_collector)
             await kube.run(self.tracker, node_name=s.node_name, on_node=self._on_node,
-                           kubeconfig=s.kubeconfig, master=s.master, stats=self.watch_stats)
+                           configuration=self.api, stats=self.watch_stats)
 
     def _on_node(self, node: Mapping[str, Any] | None) -> None:
         """This node's object: its zone label feeds topology hints, and a node being deleted is
@@ -195,6 +218,10 @@ async def main(settings: Settings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # There is nothing to reload; a stray SIGHUP (a closed terminal, `systemctl reload`) must not
+    # kill the proxy without a drain.
+    loop.add_signal_handler(signal.SIGHUP, lambda: logger.warning(
+        "SIGHUP ignored: svcproxy has no configuration to reload (SIGTERM stops it, with a drain)"))
     app = App(settings)
     code = 0
     try:
@@ -207,7 +234,7 @@ async def main(settings: Settings) -> int:
         waiter.cancel()
         stopper.cancel()
         logger.info("shutting down")
-    except OSError as e:  # typically a bind failure: say what and where, no traceback
+    except (OSError, ConfigurationError) as e:  # a bind failure, a bad kubeconfig: what and where, no traceback
         logger.error("svcproxy failed: %s", e)
         code = 1
     except Exception:
@@ -215,6 +242,6 @@ async def main(settings: Settings) -> int:
         code = 1
     finally:
         await app.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return code

@@ -100,7 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from(args)
     except SettingsError as e:
-        parser.error(str(e))
+        # One line and exit code 1, as kube-proxy; argparse's own errors (an unknown flag, a value
+        # of the wrong type) print the usage and exit 2.
+        print(f"svcproxy: error: {e}", file=sys.stderr)
+        return 1
     return uvloop.run(app.cleanup(settings) if args.cleanup else app.main(settings))
 
 

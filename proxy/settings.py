@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import socket
+import urllib.parse
 from pathlib import Path
 
 
@@ -62,7 +63,18 @@ class Settings:
             raise SettingsError("--min-sync-period must be between 0 and --sync-period")
         if self.manifests is not None and not self.manifests.exists():
             raise SettingsError(f"--manifests: {self.manifests} does not exist")
+        if self.master:
+            url = urllib.parse.urlsplit(self.master)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise SettingsError(f"--master: {self.master!r} is not an http(s) URL (e.g. https://10.0.0.1:6443)")
         return self
+
+    def shared_http_address(self) -> bool:
+        """--healthz-bind-address and --metrics-bind-address name the same socket: serve both there."""
+        if not self.metrics_bind_address:
+            return False
+        health = parse_host_port(self.healthz_bind_address, "--healthz-bind-address")
+        return health[1] != 0 and parse_host_port(self.metrics_bind_address, "--metrics-bind-address") == health
 
 
 def parse_host_port(value: str, flag: str) -> tuple[str, int]:

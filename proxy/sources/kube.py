@@ -530,13 +530,15 @@ async def watch_all(api: client.ApiClient, handler: Handler, *, node_name: str,
 
 async def run(handler: Handler, *, node_name: str, on_node: Callable[[Obj | None], None],
               kubeconfig: str | None = None, master: str | None = None,
+              configuration: client.Configuration | None = None,
               settings: WatchSettings | None = None, stats: WatchStats | None = None) -> None:
     """List+watch Services and EndpointSlices into ``handler`` and the own Node into ``on_node``.
 
     Runs until cancelled. ``handler.on_synced(kind)`` follows each kind's first full list.
+    ``configuration`` (from :func:`load_configuration`) wins over ``kubeconfig``/``master``.
     """
     settings = settings or WatchSettings()
-    cfg = await load_configuration(kubeconfig=kubeconfig, master=master)
+    cfg = configuration or await load_configuration(kubeconfig=kubeconfig, master=master)
     logger.info("watching the Kubernetes API at %s (node %s)", cfg.host, node_name)
     async with client.ApiClient(cfg) as api:
         api.user_agent = settings.user_agent
