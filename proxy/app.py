@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import health, metrics
+from proxy import convert, health, metrics
 from proxy.dataplane.guard import VipGuard
 from proxy.dataplane.vip import Vips
 from proxy.proxier import Proxier
@@ -30,8 +30,6 @@ from proxy.tracker import ChangeTracker
 
 logger = logging.getLogger(__name__)
 
-TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
-ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
 class ConfigurationError(Exception):
@@ -56,6 +54,7 @@ class App:
         self._tasks: list[asyncio.Task[None]] = []
         self._web: list[web.AppRunner] = []
         self._collector: metrics.TrackerCollector | None = None
+        self._node_error = ""
         self.watch_stats = WatchStats()
         self.api: Any = None
         """The API server's client configuration, loaded before anything is bound."""
@@ -133,16 +132,15 @@ class App:
     def _on_node(self, node: Mapping[str, Any] | None) -> None:
         """This node's object: its zone label feeds topology hints, and a node being deleted is
         not eligible for /healthz (KEP-3836)."""
-        eligible = True
-        zone = ""
-        if node is not None:
-            labels = (node.get("metadata") or {}).get("labels") or {}
-            zone = str(labels.get(ZONE_LABEL, ""))
-            meta = node.get("metadata") or {}
-            taints = (node.get("spec") or {}).get("taints") or []
-            eligible = not meta.get("deletionTimestamp") and not any(
-                isinstance(t, Mapping) and t.get("key") == TO_BE_DELETED_TAINT for t in taints
-            )
+        try:
+            facts = convert.node_facts(node) if node is not None else convert.NodeFacts()
+        except convert.InvalidObject as e:
+            if str(e) != self._node_error:
+                self._node_error = str(e)
+                logger.error("ignoring invalid Node (keeping its last good state): %s", e)
+            return
+        self._node_error = ""
+        eligible, zone = facts.eligible, facts.zone
         if eligible != self.health.node_eligible:
             logger.info("node %s is %seligible for traffic", self.settings.node_name, "" if eligible else "not ")
         self.health.node_eligible = eligible

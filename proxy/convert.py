@@ -6,6 +6,7 @@ callers can log it once and keep the last good state; "not for us" returns ``Non
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
@@ -329,6 +330,37 @@ def merge_endpoints(
 def service_state(ports: tuple[ServicePort, ...], slices: Iterable[EndpointSliceInfo],
                   created: str = "") -> ServiceState:
     return ServiceState(ports, merge_endpoints(ports, slices), created)
+
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeFacts:
+    """What svcproxy reads from its own Node."""
+
+    zone: str = ""
+    """topology.kubernetes.io/zone, for topology hints."""
+    eligible: bool = True
+    """False while the node is being deleted or drained by the cluster autoscaler (KEP-3836):
+    /healthz then fails, so load balancers move away first."""
+
+
+def node_facts(obj: Mapping[str, Any]) -> NodeFacts:
+    """This node's zone and eligibility; raises InvalidObject on a malformed Node."""
+    raw = obj.get("metadata")
+    name = raw.get("name") if isinstance(raw, Mapping) else None
+    f = _Fields("Node", name if isinstance(name, str) else "?")
+    meta = f.mapping(obj, "metadata", "metadata")
+    zone = f.string(f.mapping(meta, "labels", "metadata.labels"), ZONE_LABEL, f"metadata.labels[{ZONE_LABEL}]")
+    deleting = meta.get("deletionTimestamp") is not None
+    tainted = False
+    for i, taint in enumerate(f.seq(f.mapping(obj, "spec", "spec"), "taints", "spec.taints")):
+        if not isinstance(taint, Mapping):
+            raise f.fail(f"spec.taints[{i}]", "expected an object")
+        tainted |= taint.get("key") == TO_BE_DELETED_TAINT
+    return NodeFacts(zone, not deleting and not tainted)
 
 
 def creation_timestamp(obj: Mapping[str, Any]) -> str:
