@@ -12,6 +12,10 @@ A half-saved edit never takes a service down (editors often save in place: trunc
   inside a document), which kubectl would refuse too;
 * a file that became empty keeps its objects, with a warning: delete the file to remove them;
 * a file that changed while it was read is read again at the next poll.
+
+Sizes are bounded: a file over ``MAX_FILE_BYTES`` is refused without being read, and so is one
+whose YAML aliases expand to more than ``MAX_EXPANDED_NODES`` values (a "billion laughs" file of a
+few hundred bytes would otherwise hold the proxy for minutes when compared or converted).
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ SUFFIXES = (".yaml", ".yml", ".json")
 NODES = "Node"
 KINDS = (SERVICES, ENDPOINT_SLICES, NODES)
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAX_FILE_BYTES = 32 * 1024 * 1024
+"""Larger manifest files are refused (10,000 Services with 10 endpoints each take about 25 MB)."""
+MAX_EXPANDED_NODES = 2_000_000
+"""Values a file may hold once its aliases are expanded (10x what that 25 MB file holds)."""
 
 ObjKey = tuple[str, NamespacedName]
 
@@ -59,6 +67,7 @@ def parse(path: Path, text: str) -> dict[ObjKey, dict[str, Any]]:
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         reason = getattr(e, "problem", None) or str(e)
         raise ManifestError(f"{where}: {reason}") from None
+    _check_expansion(path, docs)
     objects: dict[ObjKey, dict[str, Any]] = {}
     for i, doc in enumerate(docs, 1):
         if doc is None:
@@ -83,6 +92,39 @@ def parse(path: Path, text: str) -> dict[ObjKey, dict[str, Any]]:
             key = NamespacedName(str(namespace or ""), name)
             objects[(kind, key)] = obj
     return objects
+
+
+def _check_expansion(path: Path, docs: list[Any]) -> None:
+    """Refuse a file whose aliases expand beyond MAX_EXPANDED_NODES values.
+
+    YAML aliases share one object, so loading is cheap, but everything that walks the result
+    (comparing, converting) pays for the expansion. Sizes are memoised per shared object, so this
+    check costs one visit per distinct value however deep the sharing goes.
+    """
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, dict | list):
+            return 1
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        sizes[id(node)] = 1  # a self-referencing alias counts once, no endless loop
+        children = node.values() if isinstance(node, dict) else node
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_EXPANDED_NODES:
+                break
+        sizes[id(node)] = total
+        return total
+
+    total = 0
+    for doc in docs:
+        total += size(doc)
+        if total > MAX_EXPANDED_NODES:
+            raise ManifestError(f"{path}: expands to more than {MAX_EXPANDED_NODES:,} values "
+                                "(YAML aliases nested too deep?); refused")
 
 
 def _flatten(path: Path, index: int, doc: Any) -> Iterator[dict[str, Any]]:
@@ -141,6 +183,9 @@ class ManifestSet:
                 continue
             entry = known or _File(signature)
             try:
+                if signature[1] > MAX_FILE_BYTES:
+                    raise ManifestError(f"{path}: {signature[1]:,} bytes is more than the "
+                                        f"{MAX_FILE_BYTES:,} a manifest file may have; refused")
                 text = path.read_text()
                 if _signature(path) != signature:
                     continue  # written while we read: take it whole at the next poll

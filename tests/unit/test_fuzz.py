@@ -138,10 +138,7 @@ DOCS = st.lists(service_like() | slice_like() | node_like() | JSON, max_size=4)
 @given(DOCS, st.sampled_from(["yaml", "json", "cut"]), st.data())
 def test_any_manifest_gives_objects_or_an_error_naming_the_file(docs: list[Any], form: str,
                                                                data: st.DataObject) -> None:
-    if form == "json" and docs:
-        text = json.dumps(docs[0], default=str)
-    else:
-        text = yaml.safe_dump_all(docs)
+    text = json.dumps(docs[0], default=str) if form == "json" and docs else yaml.safe_dump_all(docs)
     if form == "cut":  # a half-saved file: cut anywhere
         text = text[:data.draw(st.integers(0, len(text)))]
     try:

@@ -224,3 +224,49 @@ def test_a_file_that_is_not_utf8_is_named(files: Files, caplog: pytest.LogCaptur
     with caplog.at_level(logging.ERROR, logger="proxy.sources.manifests"):
         assert ms.scan() == ({}, [])
     assert f"cannot load {path}: not UTF-8" in caplog.text
+
+
+def test_an_alias_bomb_is_refused_quickly() -> None:
+    import time
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(8))  # 10^9 values once expanded, in about 600 bytes
+    started = time.monotonic()
+    with pytest.raises(ManifestError, match=r"^bomb.yaml: expands to more than 2,000,000 values"):
+        parse(Path("bomb.yaml"), bomb)
+    assert time.monotonic() - started < 5  # bounded: never an expansion
+
+
+def test_anchors_used_sensibly_still_work() -> None:
+    text = """\
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: web}
+  spec: &spec {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, protocol: TCP}]}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: api}
+  spec: *spec
+"""
+    objects = parse(Path("a.yaml"), text)
+    assert [key for _, key in objects] == [NamespacedName("default", "web"), NamespacedName("default", "api")]
+
+
+def test_an_oversized_file_is_refused_without_reading_it(files: Files, caplog: pytest.LogCaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.sources import manifests
+
+    ms = ManifestSet(files.root)
+    files.write("web.yaml", dump(make_service(), make_slice()))
+    ms.scan()
+    monkeypatch.setattr(manifests, "MAX_FILE_BYTES", 1000)
+    with caplog.at_level(logging.ERROR, logger="proxy.sources.manifests"):
+        files.write("web.yaml", dump(make_service(), make_slice()) + "# " + "x" * 2000 + "\n")
+        assert ms.scan() == ({}, [])
+    assert "bytes is more than the 1,000 a manifest file may have; refused" in caplog.text
+    assert set(ms.objects) == {SVC, SLICE}  # the last good objects keep serving
