@@ -13,6 +13,7 @@ Built on ``asyncio.Protocol`` callbacks (no streams, no per-chunk coroutines):
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import struct
@@ -26,6 +27,8 @@ from proxy.model import Endpoint
 logger = logging.getLogger(__name__)
 
 DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
+"""Dial errors that are this node's shortage (descriptors, memory, ephemeral ports), not the endpoint's."""
 _LINGER_RESET = struct.pack("ii", 1, 0)
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
@@ -167,6 +170,13 @@ class Client(_Side):
             try:
                 await loop.create_connection(lambda b=backend: b, ep.ip, ep.port)  # type: ignore[misc]
             except OSError as e:
+                if e.errno in LOCAL_ERRNOS:
+                    # Our own shortage, not the endpoint's fault: trying others would fail the same.
+                    logger.warning("%s: cannot dial %s:%d: %s (this process or node is out of a resource)",
+                                   self._target.name, ep.ip, ep.port, e.strerror)
+                    if self.transport is not None:
+                        _reset(self.transport)
+                    return
                 logger.debug("%s: dial %s:%d failed: %r", self._target.name, ep.ip, ep.port, e)
                 failed.append(ep)
                 continue
@@ -184,8 +194,11 @@ class Client(_Side):
                 timer.cancel()
             self._attach(backend)
             return
-        logger.info("%s: no endpoint accepted the connection from %s (tried %d)",
-                    self._target.name, client_ip, len(failed))
+        peer = client_ip
+        if peer is None and self.transport is not None:  # not looked up on the fast path
+            peer = (self.transport.get_extra_info("peername") or ("?",))[0]
+        logger.info("%s: no endpoint accepted the connection from %s (%d dials to %d endpoints)",
+                    self._target.name, peer, len(failed), len(set(failed)))
         if self.transport is not None:
             self.transport.close()
 

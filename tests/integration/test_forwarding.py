@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
+import logging
 import socket
 from pathlib import Path
 
@@ -308,3 +310,54 @@ async def test_client_reset_resets_the_backend(tmp_path: Path) -> None:
         writer.transport.abort()  # linger 0: a RST
         await eventually(lambda: seen, timeout=5)
         assert isinstance(seen[0], ConnectionResetError), seen
+
+
+class _NoDescriptors:
+    """The running loop, except that every dial fails with EMFILE (this process is out of fds)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.dials = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._loop, name)
+
+    async def create_connection(self, *args: object, **kwargs: object) -> object:
+        self.dials += 1
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+async def test_our_own_fd_shortage_is_not_blamed_on_endpoints(caplog: pytest.LogCaptureFixture) -> None:
+    from proxy.balancer import Pool
+    from proxy.dataplane.target import Target
+    from proxy.dataplane.tcp import Connections, client_factory
+    from proxy.model import Endpoint, Family
+
+    loop = asyncio.get_running_loop()
+    eps = tuple(Endpoint(ip, PORT, Family.V4) for ip in BACKENDS)
+    pool = Pool(eps, clock=loop.time)
+    dialer = _NoDescriptors(loop)
+    server = await loop.create_server(client_factory(Target("ns/web:http", pool), Connections(), dialer),  # type: ignore[arg-type]
+                                      "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with caplog.at_level(logging.INFO, logger="proxy.dataplane.tcp"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+        assert dialer.dials == 1  # no other endpoint was tried: they would fail the same way
+        assert "Too many open files (this process or node is out of a resource)" in caplog.text
+        assert "no endpoint accepted" not in caplog.text
+    finally:
+        server.close()
+
+
+async def test_a_failed_dial_names_the_client_and_counts_endpoints(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    objs = [service("dead", VIP, 8097), endpoint_slice("dead", PORT + 7, BACKENDS[:2])]
+    async with running_proxy(tmp_path, objs):
+        with caplog.at_level(logging.INFO, logger="proxy.dataplane.tcp"):
+            assert await ask(VIP, 8097) == ""
+            await eventually(lambda: "no endpoint accepted" in caplog.text)
+    assert "from 127.0.0.1 (4 dials to 2 endpoints)" in caplog.text, caplog.text
