@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy import convert, health, metrics
+from proxy.dataplane import tcp
 from proxy.dataplane.guard import VipGuard
 from proxy.dataplane.vip import Vips
 from proxy.proxier import Proxier
@@ -94,6 +95,9 @@ class App:
             loop=loop, tracker=self.tracker, vips=vips, health=self.health,
             node_name=s.node_name, nodeport_cidrs=s.nodeport_addresses, cluster_cidrs=s.cluster_cidr,
             udp_idle_timeout=s.udp_idle_timeout,
+            limits=tcp.Limits(max_connections=s.connection_limit(),
+                              max_connections_per_service=s.max_connections_per_service,
+                              idle_timeout=s.tcp_idle_timeout, half_closed_timeout=s.tcp_half_closed_timeout),
         )
         self._collector = metrics.TrackerCollector(self.tracker, self._last_queued_wall)
         metrics.REGISTRY.register(self._collector)

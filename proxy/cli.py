@@ -57,6 +57,16 @@ def daemon_parser() -> argparse.ArgumentParser:
                    help="close a UDP flow after this long without a datagram (default 30s)")
     p.add_argument("--drain-timeout", type=_duration, default=10.0,
                    help="on SIGTERM, how long live connections may finish (default 10s)")
+    p.add_argument("--max-connections", type=int, default=-1,
+                   help="proxied TCP connections in total, excess reset at once (default: from the open-file "
+                   "limit, two descriptors each; 0: no limit)")
+    p.add_argument("--max-connections-per-service", type=int, default=0,
+                   help="proxied TCP connections per service port (default 0: no limit)")
+    p.add_argument("--tcp-idle-timeout", type=_duration, default=0.0,
+                   help="close TCP connections idle this long (default 0: never, as kube-proxy)")
+    p.add_argument("--tcp-half-closed-timeout", type=_duration, default=3600.0,
+                   help="close a half-closed TCP connection quiet this long (default 1h, kube-proxy's "
+                   "conntrack CLOSE_WAIT; 0: never)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove the service addresses svcproxy added, then exit (they stay on a normal exit)")
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log verbosity (klog style; 4+ = debug)")
@@ -79,6 +89,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         min_sync_period=args.min_sync_period,
         udp_idle_timeout=args.udp_idle_timeout,
         drain_timeout=args.drain_timeout,
+        max_connections=args.max_connections,
+        max_connections_per_service=args.max_connections_per_service,
+        tcp_idle_timeout=args.tcp_idle_timeout,
+        tcp_half_closed_timeout=args.tcp_half_closed_timeout,
     ).validate()
 
 

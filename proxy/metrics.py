@@ -47,6 +47,13 @@ conflicts = Gauge(
     "the oldest Service has each",
     registry=REGISTRY,
 )
+connections_refused = Counter(
+    "svcproxy_connections_refused",
+    "TCP connections reset at once because --max-connections (reason total) or "
+    "--max-connections-per-service (reason service) was reached",
+    ["service", "reason"],
+    registry=REGISTRY,
+)
 healthz_total = Counter(
     "kubeproxy_proxy_healthz", "Cumulative proxy healthz HTTP status", ["code"], registry=REGISTRY
 )

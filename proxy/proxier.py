@@ -40,6 +40,7 @@ class Proxier:
         nodeport_cidrs: Sequence[str] = (),
         cluster_cidrs: Sequence[str] = (),
         udp_idle_timeout: float = 30.0,
+        limits: tcp.Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tracker = tracker
@@ -50,7 +51,8 @@ class Proxier:
         """This node's topology.kubernetes.io/zone label (from its Node object), for zone hints."""
         self._nodeport_cidrs = [ipaddress.ip_network(c, strict=False) for c in nodeport_cidrs]
         self._clock = clock
-        self.connections = tcp.Connections()
+        self.connections = tcp.Connections(
+            limits, on_refused=lambda service, reason: metrics.connections_refused.labels(service, reason).inc())
         self.listeners = Listeners(loop, self.connections, udp_idle_timeout=udp_idle_timeout)
         self.pools: dict[PoolKey, Pool] = {}
         self.table = Table(Node(node_name, ()))

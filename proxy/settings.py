@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import resource
 import socket
 import urllib.parse
 from pathlib import Path
@@ -39,6 +40,24 @@ class Settings:
     """A UDP flow with no datagram either way for this long is closed (conntrack's UDP default)."""
     drain_timeout: float = 10.0
     """Seconds SIGTERM lets live connections finish before they are closed."""
+    max_connections: int = -1
+    """Proxied TCP connections in total; -1 = from RLIMIT_NOFILE (two descriptors each, 512 kept
+    for listeners and the control plane); 0 = no limit."""
+    max_connections_per_service: int = 0
+    """Per service port; 0 = no limit."""
+    tcp_idle_timeout: float = 0.0
+    """Close TCP connections with no byte either way for this long; 0 = never (as kube-proxy)."""
+    tcp_half_closed_timeout: float = 3600.0
+    """Close a TCP connection one side has ended once no byte has moved for this long (kube-proxy's
+    conntrack CLOSE_WAIT timeout); 0 = never."""
+
+    def connection_limit(self) -> int:
+        if self.max_connections >= 0:
+            return self.max_connections
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return 0
+        return max(100, (soft - 512) // 2)
 
     @property
     def node_name(self) -> str:
@@ -55,6 +74,14 @@ class Settings:
                     ipaddress.ip_network(cidr, strict=False)
                 except ValueError:
                     raise SettingsError(f"{flag}: {cidr!r} is not a CIDR") from None
+        if self.max_connections < -1:
+            raise SettingsError("--max-connections must be 0 (no limit) or more")
+        if self.max_connections_per_service < 0:
+            raise SettingsError("--max-connections-per-service must be 0 (no limit) or more")
+        for flag, seconds in (("--tcp-idle-timeout", self.tcp_idle_timeout),
+                              ("--tcp-half-closed-timeout", self.tcp_half_closed_timeout)):
+            if seconds < 0:
+                raise SettingsError(f"{flag} must be 0 (never) or more")
         if self.udp_idle_timeout <= 0:
             raise SettingsError("--udp-idle-timeout must be positive")
         if self.sync_period <= 0:

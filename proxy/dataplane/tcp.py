@@ -8,11 +8,17 @@ Built on ``asyncio.Protocol`` callbacks (no streams, no per-chunk coroutines):
   when both directions have ended (or a side resets).
 * Connect failure: the next distinct endpoint is tried with growing dial timeouts (the userspace
   proxier's 250 ms, 500 ms, 1 s, 2 s); then the client is closed.
+* Limits (:class:`Limits`): connections in total and per service port beyond the maximum are
+  reset at once and counted; an idle timeout (off by default, as kube-proxy) and a bound on
+  half-closed connections that went quiet (kube-proxy's conntrack CLOSE_WAIT timeout, 1 h) are
+  enforced by one sweep over the live connections, so the byte path only sets a flag.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import errno
 import logging
 import socket
@@ -34,22 +40,87 @@ WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 
 
-class Connections:
-    """Live connections, so shutdown can wait for them to drain."""
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_connections: int = 0
+    """Proxied TCP connections in total; 0 = no limit."""
+    max_connections_per_service: int = 0
+    """Per service port; 0 = no limit."""
+    idle_timeout: float = 0.0
+    """Close a connection with no byte either way for this long; 0 = never (kube-proxy has none)."""
+    half_closed_timeout: float = 3600.0
+    """Close a connection one side has ended when no byte has moved for this long; 0 = never."""
 
-    def __init__(self) -> None:
+    @property
+    def sweep_interval(self) -> float:
+        """How often live connections are checked: a tenth of the shortest timeout, 0.1-10 s."""
+        timeouts = [t for t in (self.idle_timeout, self.half_closed_timeout) if t > 0]
+        return min(10.0, max(0.1, min(timeouts) / 10)) if timeouts else 0.0
+
+
+class Connections:
+    """Live connections: counted against the limits, swept for timeouts, drained at shutdown."""
+
+    def __init__(self, limits: Limits | None = None, on_refused: Callable[[str, str], None] | None = None) -> None:
         self.live: set[Client] = set()
+        self.limits = limits or Limits()
+        self.per_service: collections.Counter[str] = collections.Counter()
+        self._on_refused = on_refused
         self._idle = asyncio.Event()
         self._idle.set()
+        self._sweeper: asyncio.TimerHandle | None = None
 
-    def add(self, conn: Client) -> None:
+    def admit(self, conn: Client) -> bool:
+        """Register a new connection, or say no (the caller resets it) when over a limit."""
+        lim, name = self.limits, conn.service
+        reason = ""
+        if lim.max_connections and len(self.live) >= lim.max_connections:
+            reason = "total"
+        elif lim.max_connections_per_service and self.per_service[name] >= lim.max_connections_per_service:
+            reason = "service"
+        if reason:
+            if self._on_refused is not None:
+                self._on_refused(name, reason)
+            return False
         self.live.add(conn)
+        self.per_service[name] += 1
         self._idle.clear()
+        if self._sweeper is None and lim.sweep_interval:
+            self._schedule()
+        return True
 
     def discard(self, conn: Client) -> None:
-        self.live.discard(conn)
+        if conn in self.live:
+            self.live.discard(conn)
+            self.per_service[conn.service] -= 1
+            if not self.per_service[conn.service]:
+                del self.per_service[conn.service]
         if not self.live:
             self._idle.set()
+
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(self.limits.sweep_interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle past a timeout. Each has an ``active`` flag set by every chunk;
+        a connection seen inactive on consecutive sweeps has been idle that many intervals."""
+        self._sweeper = None
+        lim, step = self.limits, self.limits.sweep_interval
+        for conn in list(self.live):
+            if conn.active:
+                conn.active = False
+                conn.quiet = 0.0
+                continue
+            conn.quiet += step
+            half_closed = conn.eof or (conn.backend is not None and conn.backend.eof)
+            if (lim.idle_timeout and conn.quiet >= lim.idle_timeout) or \
+                    (half_closed and lim.half_closed_timeout and conn.quiet >= lim.half_closed_timeout):
+                logger.debug("%s: closing a connection quiet for %.0fs%s", conn.service, conn.quiet,
+                             " (half-closed)" if half_closed else "")
+                conn.finish()  # nothing is in flight: a plain close on both legs
+        if self.live:
+            self._schedule()
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
@@ -83,6 +154,7 @@ class _Side(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        self.conn.active = True
         peer = self.peer
         if peer is not None and peer.transport is not None:
             peer.transport.write(data)
@@ -112,7 +184,7 @@ class _Side(asyncio.Protocol):
 class Client(_Side):
     """The accepted client socket; owns the connection's lifecycle."""
 
-    __slots__ = ("_dial", "_early", "_loop", "_registry", "_target", "_timed_out", "backend")
+    __slots__ = ("_dial", "_early", "_loop", "_registry", "_target", "_timed_out", "active", "backend", "quiet")
 
     def __init__(self, target: Target, registry: Connections, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(self)
@@ -123,6 +195,14 @@ class Client(_Side):
         self._early: list[bytes] = []
         self._timed_out = False
         self.backend: _Side | None = None
+        self.active = True
+        """Set by every chunk either way; cleared by the registry's sweep."""
+        self.quiet = 0.0
+        """Seconds the sweeps have seen no byte move."""
+
+    @property
+    def service(self) -> str:
+        return self._target.name
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
@@ -138,11 +218,14 @@ class Client(_Side):
             if not target.admits(client_ip) or not pool.endpoints:
                 _reset(t)
                 return
+        if not self._registry.admit(self):
+            _reset(t)
+            return
         t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        self._registry.add(self)
         self._dial = self._loop.create_task(self._connect(client_ip, pool))
 
     def data_received(self, data: bytes) -> None:
+        self.active = True
         peer = self.peer
         if peer is not None:
             if peer.transport is not None:

@@ -1,0 +1,150 @@
+"""Connection limits and timeouts (issue: limits as settings): excess connections are reset at once
+and counted; idle and half-closed connections that went quiet are closed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from proxy import metrics
+from tests.integration.harness import endpoint_slice, running_proxy, servers, service
+
+VIP = "127.0.0.120"
+BACKEND = "127.0.0.121"
+PORT = 18090
+
+
+class Silent(asyncio.Protocol):
+    """Accepts and never answers, never closes (a hung backend)."""
+
+    accepted = 0
+    eofs = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        Silent.accepted += 1
+
+    def eof_received(self) -> bool:
+        Silent.eofs += 1
+        return True  # keep our side open: the client's FIN is not an answer
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+
+async def outcome(reader: asyncio.StreamReader, timeout: float) -> str:
+    """How the proxy ends a connection we hold open: "reset", "closed" (EOF), or "open"."""
+    try:
+        data = await asyncio.wait_for(reader.read(), timeout)
+    except ConnectionResetError:
+        return "reset"
+    except TimeoutError:
+        return "open"
+    return "closed" if not data else f"data {data!r}"
+
+
+@contextlib.asynccontextmanager
+async def connection(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection(VIP, port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+
+
+def refused_count(service_port: str, reason: str) -> float:
+    return metrics.REGISTRY.get_sample_value("svcproxy_connections_refused_total",
+                                             {"service": service_port, "reason": reason}) or 0.0
+
+
+async def test_connections_over_the_per_service_limit_are_reset_and_counted(tmp_path: Path) -> None:
+    objs = [service("lim", VIP, 8100), endpoint_slice("lim", PORT, [BACKEND])]
+    async with servers([(BACKEND, PORT)], lambda ip: Echo()), \
+            running_proxy(tmp_path, objs, max_connections_per_service=2):
+        before = refused_count("default/lim:p/TCP", "service")
+        async with connection(8100) as (r1, w1), connection(8100) as (r2, w2):
+            for r, w in ((r1, w1), (r2, w2)):
+                w.write(b"hi")
+                assert await asyncio.wait_for(r.readexactly(2), 5) == b"hi"
+            async with connection(8100) as (r3, _):
+                assert await outcome(r3, 5) == "reset"
+            assert refused_count("default/lim:p/TCP", "service") == before + 1
+        # Both closed: there is room again.
+        await asyncio.sleep(0.2)
+        async with connection(8100) as (r4, w4):
+            w4.write(b"ok")
+            assert await asyncio.wait_for(r4.readexactly(2), 5) == b"ok"
+
+
+async def test_connections_over_the_total_limit_are_reset(tmp_path: Path) -> None:
+    objs = [service("lim2", VIP, 8101), endpoint_slice("lim2", PORT, [BACKEND])]
+    async with servers([(BACKEND, PORT)], lambda ip: Echo()), running_proxy(tmp_path, objs, max_connections=1), \
+            connection(8101) as (r1, w1):
+        w1.write(b"a")
+        assert await asyncio.wait_for(r1.readexactly(1), 5) == b"a"
+        async with connection(8101) as (r2, _):
+            assert await outcome(r2, 5) == "reset"
+        assert refused_count("default/lim2:p/TCP", "total") >= 1
+
+
+async def test_idle_timeout_closes_quiet_connections_only(tmp_path: Path) -> None:
+    objs = [service("idle", VIP, 8102), endpoint_slice("idle", PORT, [BACKEND])]
+    async with servers([(BACKEND, PORT)], lambda ip: Echo()), \
+            running_proxy(tmp_path, objs, tcp_idle_timeout=0.5), \
+            connection(8102) as (quiet, _), connection(8102) as (busy_r, busy_w):
+        async def keep_busy() -> None:
+            for _ in range(20):  # 2 s of a byte every 0.1 s
+                busy_w.write(b".")
+                await busy_r.readexactly(1)
+                await asyncio.sleep(0.1)
+
+        busy = asyncio.create_task(keep_busy())
+        assert await outcome(quiet, 3) == "closed"  # after ~0.5-0.6 s of silence
+        await busy  # the busy one was never cut
+
+
+async def test_a_hung_backend_after_the_client_gave_up_is_released(tmp_path: Path) -> None:
+    """The client sends, half-closes and waits; the backend never answers nor closes. kube-proxy's
+    conntrack forgets such a flow after its CLOSE_WAIT timeout; svcproxy closes it the same way."""
+    Silent.accepted = Silent.eofs = 0
+    objs = [service("hung", VIP, 8103), endpoint_slice("hung", PORT, [BACKEND])]
+    async with servers([(BACKEND, PORT)], lambda ip: Silent()), \
+            running_proxy(tmp_path, objs, tcp_half_closed_timeout=0.5) as app:
+        async with connection(8103) as (reader, writer):
+            writer.write(b"GET / HTTP/1.0\r\n\r\n")
+            writer.write_eof()
+            assert await outcome(reader, 3) == "closed"
+        assert app.proxier is not None
+        for _ in range(50):
+            if not app.proxier.connections.live:
+                break
+            await asyncio.sleep(0.05)
+        assert not app.proxier.connections.live  # both legs closed: no descriptor held
+        assert Silent.accepted == 1 and Silent.eofs == 1
+
+
+async def test_half_closed_but_streaming_is_not_cut(tmp_path: Path) -> None:
+    class Streamer(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def eof_received(self) -> bool:
+            async def stream() -> None:
+                for _ in range(15):  # 1.5 s, three half-closed timeouts
+                    self.transport.write(b"x")  # type: ignore[attr-defined]
+                    await asyncio.sleep(0.1)
+                self.transport.close()
+            asyncio.get_running_loop().create_task(stream())
+            return True
+
+    objs = [service("stream", VIP, 8104), endpoint_slice("stream", PORT, [BACKEND])]
+    async with servers([(BACKEND, PORT)], lambda ip: Streamer()), \
+            running_proxy(tmp_path, objs, tcp_half_closed_timeout=0.5), connection(8104) as (reader, writer):
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b"x" * 15
