@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 
 
+BIND_RETRY_INTERVAL = 1.0
+"""Seconds between attempts to bind a listener whose address is taken."""
+
+
 class ConfigurationError(Exception):
     """A setting that cannot work (say, an unreadable kubeconfig); the message says which."""
 
@@ -56,6 +60,7 @@ class App:
         self._web: list[web.AppRunner] = []
         self._collector: metrics.TrackerCollector | None = None
         self._node_error = ""
+        self._bind_retry: asyncio.TimerHandle | None = None
         self.watch_stats = WatchStats()
         self.api: Any = None
         """The API server's client configuration, loaded before anything is bound."""
@@ -67,6 +72,13 @@ class App:
     async def _sync(self) -> None:
         assert self.proxier is not None
         await self.proxier.sync()
+        if self.proxier.failed_listeners and (self._bind_retry is None or self._bind_retry.cancelled()):
+            # Something holds an address we must serve: try again soon, not only at the next resync.
+            def retry() -> None:
+                self._bind_retry = None
+                self.runner.request()
+
+            self._bind_retry = asyncio.get_running_loop().call_later(BIND_RETRY_INTERVAL, retry)
         if self.tracker.synced and not self.synced.is_set():
             self.synced.set()
             # Everything loaded so far lives for long: keep the collector from walking it again.
@@ -185,6 +197,8 @@ class App:
         raise RuntimeError("a root task ended unexpectedly")
 
     async def stop(self) -> None:
+        if self._bind_retry is not None:
+            self._bind_retry.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

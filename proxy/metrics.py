@@ -47,6 +47,11 @@ conflicts = Gauge(
     "the oldest Service has each",
     registry=REGISTRY,
 )
+listeners_failed = Gauge(
+    "svcproxy_listeners_failed",
+    "Service addresses and ports that cannot be bound now (e.g. taken by another process); retried every second",
+    registry=REGISTRY,
+)
 connections_refused = Counter(
     "svcproxy_connections_refused",
     "TCP connections reset at once because --max-connections (reason total) or "

@@ -106,6 +106,7 @@ class Proxier:
         metrics.sync_duration.observe(elapsed)
         metrics.sync_last_timestamp.set_to_current_time()
         metrics.conflicts.set(self.table.conflicts)
+        metrics.listeners_failed.set(len(self._failed))
         logger.debug("sync done in %.1f ms", elapsed * 1000)
 
     async def _apply(self, plan: Plan) -> None:
@@ -173,6 +174,11 @@ class Proxier:
 
     def _local_traffic_pool(self, spec: ListenerSpec) -> Pool | None:
         return None if spec.local_traffic_pool is None else self.pools[spec.local_traffic_pool]
+
+    @property
+    def failed_listeners(self) -> int:
+        """Listeners that could not be bound (the address taken, say); each sync retries them."""
+        return len(self._failed)
 
     async def _retry_failed(self) -> None:
         for key, spec in list(self._failed.items()):

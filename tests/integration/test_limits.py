@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+
+import pytest
 
 from proxy import metrics
 from tests.integration.harness import endpoint_slice, running_proxy, servers, service
@@ -148,3 +152,30 @@ async def test_half_closed_but_streaming_is_not_cut(tmp_path: Path) -> None:
             running_proxy(tmp_path, objs, tcp_half_closed_timeout=0.5), connection(8104) as (reader, writer):
         writer.write_eof()
         assert await asyncio.wait_for(reader.read(), 5) == b"x" * 15
+
+
+async def test_a_taken_address_is_reported_counted_and_retried_until_free(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    vip, port = "127.0.0.122", 8105
+    blocker = socket.socket()
+    blocker.bind((vip, port))  # no SO_REUSEPORT: svcproxy cannot bind beside it
+    blocker.listen()
+    objs = [service("taken", vip, port), endpoint_slice("taken", PORT, [BACKEND])]
+    try:
+        with caplog.at_level(logging.ERROR, logger="proxy.proxier"):
+            async with servers([(BACKEND, PORT)], lambda ip: Echo()), running_proxy(tmp_path, objs):
+                assert f"default/taken:p/TCP: cannot listen on {vip}:{port}/TCP: Address already in use " \
+                       "(will retry)" in caplog.text
+                assert metrics.REGISTRY.get_sample_value("svcproxy_listeners_failed") == 1
+                blocker.close()  # the other process lets go
+                for _ in range(40):  # retried every second, not only at the 30 s resync
+                    await asyncio.sleep(0.1)
+                    if metrics.REGISTRY.get_sample_value("svcproxy_listeners_failed") == 0:
+                        break
+                assert metrics.REGISTRY.get_sample_value("svcproxy_listeners_failed") == 0
+                reader, writer = await asyncio.open_connection(vip, port)
+                writer.write(b"up")
+                assert await asyncio.wait_for(reader.readexactly(2), 5) == b"up"
+                writer.close()
+    finally:
+        blocker.close()
