@@ -59,6 +59,7 @@ class App:
         self._tasks: list[asyncio.Task[None]] = []
         self._web: list[web.AppRunner] = []
         self._collector: metrics.TrackerCollector | None = None
+        self._outlier_collector: metrics.OutlierCollector | None = None
         self._node_error = ""
         self._bind_retry: asyncio.TimerHandle | None = None
         self.watch_stats = WatchStats()
@@ -113,6 +114,8 @@ class App:
         )
         self._collector = metrics.TrackerCollector(self.tracker, self._last_queued_wall)
         metrics.REGISTRY.register(self._collector)
+        self._outlier_collector = metrics.OutlierCollector(self.proxier.outliers)
+        metrics.REGISTRY.register(self._outlier_collector)
         if s.shared_http_address():
             # One socket for both, as asked: two sockets on one port would split the requests.
             metrics_routes = [r for r in metrics.routes() if r.path != "/healthz"]
@@ -208,10 +211,10 @@ class App:
             await self.proxier.shutdown(drain_seconds=self.settings.drain_timeout)
         for runner in self._web:
             await runner.cleanup()
-        for collector in (self._collector, self._watch_collector):
+        for collector in (self._collector, self._watch_collector, self._outlier_collector):
             if collector is not None:
                 metrics.REGISTRY.unregister(collector)
-        self._collector = self._watch_collector = None
+        self._collector = self._watch_collector = self._outlier_collector = None
 
 
 async def cleanup(settings: Settings) -> int:

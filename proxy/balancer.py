@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable, Collection
 
 from proxy.model import Endpoint
+from proxy.outliers import Outliers
 
 _SHARED_RNG = random.Random()
 
@@ -19,7 +20,7 @@ _SHARED_RNG = random.Random()
 class Pool:
     """Round robin over a set of endpoints; ``pick`` returns None when there are none."""
 
-    __slots__ = ("_affinity", "_clock", "_cursor", "_rng", "affinity_timeout", "endpoints", "members")
+    __slots__ = ("_affinity", "_clock", "_cursor", "_rng", "affinity_timeout", "endpoints", "members", "outliers")
 
     def __init__(
         self,
@@ -28,8 +29,11 @@ class Pool:
         affinity_timeout: int = 0,
         clock: Callable[[], float],
         rng: random.Random | None = None,
+        outliers: Outliers | None = None,
     ) -> None:
         self._clock = clock
+        self.outliers = outliers
+        """Shared record of endpoints whose connects failed: skipped while others remain."""
         self._rng = rng or _SHARED_RNG  # one generator is 2.5 KiB: not one per pool
         self._cursor = 0
         self._affinity: dict[str, tuple[Endpoint, float]] = {}
@@ -67,7 +71,8 @@ class Pool:
         if self.affinity_timeout and client_ip is not None:
             now = self._clock()
             entry = self._affinity.get(client_ip)
-            if not exclude and entry is not None and now - entry[1] < self.affinity_timeout:
+            if not exclude and entry is not None and now - entry[1] < self.affinity_timeout and not (
+                    self.outliers is not None and self.outliers.ejections and self.outliers.ejected(entry[0])):
                 self._affinity[client_ip] = (entry[0], now)  # sliding window
                 return entry[0]
             # A failover re-pins the client to the endpoint it is now sent to.
@@ -79,6 +84,14 @@ class Pool:
     def _next(self, exclude: Collection[Endpoint]) -> Endpoint:
         eps = self.endpoints
         n = len(eps)
+        outliers = self.outliers
+        if outliers is not None and outliers.ejections:  # else the plain loop below, as cheap as ever
+            for _ in range(n):
+                ep = eps[self._cursor % n]
+                self._cursor = (self._cursor + 1) % n
+                if ep not in exclude and not outliers.ejected(ep):
+                    return ep
+            # Everything left is ejected: never eject the last endpoint, use them anyway.
         for _ in range(n):
             ep = eps[self._cursor % n]
             self._cursor = (self._cursor + 1) % n

@@ -66,7 +66,7 @@ livez_total = Counter(
     "kubeproxy_proxy_livez", "Cumulative proxy livez HTTP status", ["code"], registry=REGISTRY
 )
 
-__all__ = ["REGISTRY", "Counter", "TrackerCollector", "WatchCollector", "routes"]
+__all__ = ["REGISTRY", "Counter", "OutlierCollector", "TrackerCollector", "WatchCollector", "routes"]
 
 
 class ChangeCounts(Protocol):
@@ -141,6 +141,29 @@ class WatchCollector(Collector):
             for kind, n in sorted(counts.items()):
                 family.add_metric([kind], n)
             yield family
+
+
+class EjectionCounts(Protocol):
+    ejections_total: int
+
+    def ejected_now(self) -> list[tuple[str, int, float]]: ...
+
+
+class OutlierCollector(Collector):
+    """Outlier ejection (svcproxy's own): how often, and which endpoints are out right now."""
+
+    def __init__(self, outliers: EjectionCounts) -> None:
+        self._outliers = outliers
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("svcproxy_endpoint_ejections",
+                                  "Endpoints ejected after a failed connect (each ejection counted)",
+                                  value=self._outliers.ejections_total)
+        now = GaugeMetricFamily("svcproxy_endpoint_ejected_seconds",
+                                "Seconds left of each current ejection, per endpoint", labels=["endpoint"])
+        for ip, port, left in self._outliers.ejected_now():
+            now.add_metric([f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"], left)
+        yield now
 
 
 def routes() -> list[web.RouteDef]:

@@ -17,6 +17,7 @@ from proxy.dataplane.listeners import Listeners
 from proxy.dataplane.target import LocalSources, Target
 from proxy.dataplane.vip import Vips
 from proxy.health import ProxierHealth
+from proxy.outliers import Outliers
 from proxy.plan import ListenerKey, ListenerSpec, Node, Plan, PoolKey, Table
 from proxy.tracker import ChangeTracker
 
@@ -51,6 +52,7 @@ class Proxier:
         """This node's topology.kubernetes.io/zone label (from its Node object), for zone hints."""
         self._nodeport_cidrs = [ipaddress.ip_network(c, strict=False) for c in nodeport_cidrs]
         self._clock = clock
+        self.outliers = Outliers(clock=clock)
         self.connections = tcp.Connections(
             limits, on_refused=lambda service, reason: metrics.connections_refused.labels(service, reason).inc())
         self.listeners = Listeners(loop, self.connections, udp_idle_timeout=udp_idle_timeout)
@@ -107,6 +109,9 @@ class Proxier:
         metrics.sync_last_timestamp.set_to_current_time()
         metrics.conflicts.set(self.table.conflicts)
         metrics.listeners_failed.set(len(self._failed))
+        if self.outliers.ejections:  # forget endpoints that left every pool
+            current = {(ep.ip, ep.port) for pool in self.pools.values() for ep in pool.endpoints}
+            self.outliers.forget(current.__contains__)
         logger.debug("sync done in %.1f ms", elapsed * 1000)
 
     async def _apply(self, plan: Plan) -> None:
@@ -118,7 +123,8 @@ class Proxier:
             pool = self.pools.get(pool_key)
             if pool is None:
                 self.pools[pool_key] = Pool(
-                    pool_spec.endpoints, affinity_timeout=pool_spec.affinity_timeout, clock=self._clock
+                    pool_spec.endpoints, affinity_timeout=pool_spec.affinity_timeout, clock=self._clock,
+                    outliers=self.outliers,
                 )
             else:
                 pool.update(pool_spec.endpoints, pool_spec.affinity_timeout)

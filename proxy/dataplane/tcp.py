@@ -262,6 +262,8 @@ class Client(_Side):
                     return
                 logger.debug("%s: dial %s:%d failed: %r", self._target.name, ep.ip, ep.port, e)
                 failed.append(ep)
+                if pool.outliers is not None:
+                    pool.outliers.failed(ep)
                 continue
             except asyncio.CancelledError:
                 if not self._timed_out:
@@ -272,9 +274,13 @@ class Client(_Side):
                     task.uncancel()
                 logger.debug("%s: dial %s:%d timed out after %.2fs", self._target.name, ep.ip, ep.port, timeout)
                 failed.append(ep)
+                if pool.outliers is not None:
+                    pool.outliers.failed(ep)
                 continue
             finally:
                 timer.cancel()
+            if pool.outliers is not None and pool.outliers.ejections:
+                pool.outliers.succeeded(ep)
             self._attach(backend)
             return
         peer = client_ip

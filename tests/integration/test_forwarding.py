@@ -361,3 +361,26 @@ async def test_a_failed_dial_names_the_client_and_counts_endpoints(tmp_path: Pat
             assert await ask(VIP, 8097) == ""
             await eventually(lambda: "no endpoint accepted" in caplog.text)
     assert "from 127.0.0.1 (4 dials to 2 endpoints)" in caplog.text, caplog.text
+
+
+async def test_a_dead_endpoint_is_ejected_then_comes_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from proxy import metrics
+
+    dead = BACKENDS[2]
+    objs = [service("eject", VIP, 8098), endpoint_slice("eject", PORT, BACKENDS)]
+    async with servers([(ip, PORT) for ip in BACKENDS[:2]]), running_proxy(tmp_path, objs) as app:
+        assert app.proxier is not None
+        before = metrics.REGISTRY.get_sample_value("svcproxy_endpoint_ejections_total") or 0
+        with caplog.at_level(logging.DEBUG, logger="proxy.dataplane.tcp"):
+            answers = [await ask(VIP, 8098) for _ in range(30)]
+        assert set(answers) == set(BACKENDS[:2])  # no request failed (the retry covers the first)
+        dials_to_dead = [r for r in caplog.records if f"dial {dead}:{PORT} failed" in r.getMessage()]
+        assert len(dials_to_dead) == 1, "after one refused connect the endpoint is skipped"
+        assert metrics.REGISTRY.get_sample_value("svcproxy_endpoint_ejections_total") == before + 1
+        assert metrics.REGISTRY.get_sample_value("svcproxy_endpoint_ejected_seconds",
+                                                 {"endpoint": f"{dead}:{PORT}"}) is not None
+        # It recovers: once its ejection (1 s) runs out it is tried again, and a success brings it back.
+        async with servers([(dead, PORT)]):
+            await asyncio.sleep(1.1)
+            assert dead in {await ask(VIP, 8098) for _ in range(6)}
+            assert app.proxier.outliers.ejections == {}
