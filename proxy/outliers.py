@@ -48,12 +48,12 @@ class Outliers:
         seconds = min(self.cap, self.base * 2 ** (failures - 1))
         self.ejections[key] = Ejection(failures, now + seconds)
         self.ejections_total += 1
-        logger.info("endpoint %s:%d ejected for %gs after a failed connect (failure %d in a row)",
+        logger.debug("endpoint %s:%d ejected for %gs after a failed connect (failure %d in a row)",
                     ep.ip, ep.port, seconds, failures)
 
     def succeeded(self, ep: Endpoint) -> None:
         if self.ejections.pop((ep.ip, ep.port), None) is not None:
-            logger.info("endpoint %s:%d is back: a connect succeeded", ep.ip, ep.port)
+            logger.debug("endpoint %s:%d is back: a connect succeeded", ep.ip, ep.port)
 
     def ejected_now(self) -> list[tuple[str, int, float]]:
         """(ip, port, seconds left) of each endpoint ejected at this moment."""

@@ -6,8 +6,9 @@ Built on ``asyncio.Protocol`` callbacks (no streams, no per-chunk coroutines):
   side pauses until it drains, so the proxy holds at most about two buffers per direction.
 * Half-close: EOF from one side becomes ``write_eof`` on the other; the connection ends only
   when both directions have ended (or a side resets).
-* Connect failure: the next distinct endpoint is tried with growing dial timeouts (the userspace
-  proxier's 250 ms, 500 ms, 1 s, 2 s); then the client is closed.
+* Connect failure: the next distinct endpoint is tried, with dial timeouts growing after each
+  timeout (the userspace proxier's 250 ms, 500 ms, 1 s, 2 s); a refused connect tries the next
+  endpoint at once, so several dead endpoints cannot use up the ladder. Then the client is closed.
 * Limits (:class:`Limits`): connections in total and per service port beyond the maximum are
   reset at once and counted; an idle timeout (off by default, as kube-proxy) and a bound on
   half-closed connections that went quiet (kube-proxy's conntrack CLOSE_WAIT timeout, 1 h) are
@@ -142,25 +143,27 @@ def _reset(t: asyncio.Transport) -> None:
 class _Side(asyncio.Protocol):
     """One socket of a proxied connection; ``peer`` is the side its bytes go to."""
 
-    __slots__ = ("conn", "eof", "peer", "transport")
+    __slots__ = ("conn", "eof", "peer", "spoke", "transport")
 
     def __init__(self, conn: Client) -> None:
         self.conn = conn
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
         self.eof = False
+        self.spoke = False
+        """Sent anything (a byte or an EOF): a backend that did cannot be swapped for another."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self.conn.active = True
+        self.conn.active = self.spoke = True
         peer = self.peer
         if peer is not None and peer.transport is not None:
             peer.transport.write(data)
 
     def eof_received(self) -> bool:
-        self.eof = True
+        self.eof = self.spoke = True
         peer = self.peer
         if peer is not None and peer.eof:
             self.conn.finish()  # both directions have ended: close, no separate shutdown needed
@@ -240,10 +243,20 @@ class Client(_Side):
     async def _connect(self, client_ip: str | None, pool: Pool) -> None:
         loop = self._loop
         failed: list[Endpoint] = []
-        for timeout in DIAL_TIMEOUTS:
+        step = 0
+        timed_out = False
+        while step < len(DIAL_TIMEOUTS):
+            timeout = DIAL_TIMEOUTS[step]
             ep = pool.pick(client_ip, failed)
             if ep is None:
                 break
+            # A refused connect is cheap and says nothing about the others: try each distinct
+            # endpoint once at this step of the ladder. Only a timeout, or a second round over
+            # endpoints that all failed, moves up the ladder (at most distinct + 4 dials).
+            if ep in failed:
+                if not timed_out:
+                    break  # every endpoint refused: none is listening, asking again will not help
+                step += 1
             backend = _Side(self)
             # Wired to the client before the dial: the backend may send (even close) before this
             # coroutine resumes, and those bytes must reach the client.
@@ -276,9 +289,20 @@ class Client(_Side):
                 failed.append(ep)
                 if pool.outliers is not None:
                     pool.outliers.failed(ep)
+                step += 1
+                timed_out = True
                 continue
             finally:
                 timer.cancel()
+            if backend.transport is None and not backend.spoke:
+                # Reset before we could use it (a listener closing with us in its accept queue):
+                # nothing was sent either way, so another endpoint is as good and safe to try.
+                logger.debug("%s: %s:%d reset the connection before it was used", self._target.name, ep.ip,
+                             ep.port)
+                failed.append(ep)
+                if pool.outliers is not None:
+                    pool.outliers.failed(ep)
+                continue
             if pool.outliers is not None and pool.outliers.ejections:
                 pool.outliers.succeeded(ep)
             self._attach(backend)
@@ -307,6 +331,7 @@ class Client(_Side):
         self.backend = backend
         self.peer = backend
         if backend.transport is None:  # the backend already came and went
+            logger.debug("%s: the backend closed before the connection was attached", self._target.name)
             client.close()
             return
         backend.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
@@ -327,6 +352,8 @@ class Client(_Side):
                 side.transport.close()
 
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
+        if side is not self and side is not self.backend and not side.spoke:
+            return  # a dial's connection lost before it was used: _connect tries another endpoint
         other = self.backend if side is self else self
         if other is not None and other.transport is not None:
             # A reset (or any error) on one side is a reset on the other: a plain abort would
@@ -335,6 +362,8 @@ class Client(_Side):
             if exc is None:
                 other.transport.close()
             else:
+                logger.debug("%s: %s side lost (%r): resetting the %s side", self._target.name,
+                             "client" if side is self else "backend", exc, "backend" if side is self else "client")
                 _reset(other.transport)
         if side is self and self._dial is not None:
             self._dial.cancel()
