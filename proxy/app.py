@@ -114,7 +114,8 @@ class App:
         )
         self._collector = metrics.TrackerCollector(self.tracker, self._last_queued_wall)
         metrics.REGISTRY.register(self._collector)
-        self._outlier_collector = metrics.OutlierCollector(self.proxier.outliers)
+        connections = self.proxier.connections
+        self._outlier_collector = metrics.OutlierCollector(self.proxier.outliers, lambda: len(connections.live))
         metrics.REGISTRY.register(self._outlier_collector)
         if s.shared_http_address():
             # One socket for both, as asked: two sockets on one port would split the requests.

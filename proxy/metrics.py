@@ -150,12 +150,16 @@ class EjectionCounts(Protocol):
 
 
 class OutlierCollector(Collector):
-    """Outlier ejection (svcproxy's own): how often, and which endpoints are out right now."""
+    """Live connections and outlier ejection (svcproxy's own): how often, and which endpoints are
+    out right now."""
 
-    def __init__(self, outliers: EjectionCounts) -> None:
+    def __init__(self, outliers: EjectionCounts, live: Callable[[], int]) -> None:
         self._outliers = outliers
+        self._live = live
 
     def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("svcproxy_tcp_connections", "Proxied TCP connections open now",
+                                value=self._live())
         yield CounterMetricFamily("svcproxy_endpoint_ejections",
                                   "Endpoints ejected after a failed connect (each ejection counted)",
                                   value=self._outliers.ejections_total)

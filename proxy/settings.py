@@ -41,8 +41,8 @@ class Settings:
     drain_timeout: float = 10.0
     """Seconds SIGTERM lets live connections finish before they are closed."""
     max_connections: int = -1
-    """Proxied TCP connections in total; -1 = from RLIMIT_NOFILE (two descriptors each, 512 kept
-    for listeners and the control plane); 0 = no limit."""
+    """Proxied TCP connections in total; -1 = from RLIMIT_NOFILE (two descriptors each, a quarter
+    of the limit, between 48 and 512, kept for listeners and the rest); 0 = no limit."""
     max_connections_per_service: int = 0
     """Per service port; 0 = no limit."""
     tcp_idle_timeout: float = 0.0
@@ -57,7 +57,7 @@ class Settings:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft == resource.RLIM_INFINITY:
             return 0
-        return max(100, (soft - 512) // 2)
+        return max(1, (soft - min(512, max(48, soft // 4))) // 2)
 
     @property
     def node_name(self) -> str:

@@ -154,6 +154,7 @@ class ManifestSet:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._files: dict[Path, _File] = {}
+        self._list_failed = False
         self.objects: dict[ObjKey, dict[str, Any]] = {}
 
     def _paths(self) -> list[Path]:
@@ -162,14 +163,28 @@ class ManifestSet:
         if not self.root.is_dir():
             return []
         found = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+
+        def fail(err: OSError) -> None:
+            raise err  # os.walk would skip what it cannot list, and its files would look deleted
+
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=fail, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             found += [Path(dirpath, f) for f in sorted(filenames) if f.endswith(SUFFIXES) and not f.startswith(".")]
         return found
 
     def scan(self) -> tuple[dict[ObjKey, dict[str, Any]], list[ObjKey]]:
         """Re-read changed files; return (objects added or changed, keys deleted) since last scan."""
-        paths = self._paths()
+        try:
+            paths = self._paths()
+        except OSError as e:
+            # Out of descriptors, say: not knowing which files exist is not the same as none.
+            if not self._list_failed:
+                logger.error("cannot list %s (%s); keeping every object until it can be read", self.root, e)
+            self._list_failed = True
+            return {}, []
+        if self._list_failed:
+            logger.info("%s can be listed again", self.root)
+            self._list_failed = False
         if not paths and not self.root.exists():
             logger.error("manifests path %s does not exist", self.root)
         for gone in set(self._files) - set(paths):

@@ -270,3 +270,28 @@ def test_an_oversized_file_is_refused_without_reading_it(files: Files, caplog: p
         assert ms.scan() == ({}, [])
     assert "bytes is more than the 1,000 a manifest file may have; refused" in caplog.text
     assert set(ms.objects) == {SVC, SLICE}  # the last good objects keep serving
+
+
+def test_a_directory_that_cannot_be_listed_keeps_every_object(files: Files, caplog: pytest.LogCaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of descriptors, os.walk cannot list the directory: that is not "every file deleted"."""
+    import errno
+
+    from proxy.sources import manifests
+
+    ms = ManifestSet(files.root)
+    files.write("web.yaml", dump(make_service(), make_slice()))
+    ms.scan()
+    real_walk = os.walk
+
+    def failing_walk(top: Any, onerror: Any = None, **kwargs: Any) -> Any:
+        onerror(OSError(errno.EMFILE, "Too many open files"))
+        return iter(())
+
+    monkeypatch.setattr(manifests.os, "walk", failing_walk)
+    with caplog.at_level(logging.ERROR, logger="proxy.sources.manifests"):
+        assert ms.scan() == ({}, [])
+        assert ms.scan() == ({}, [])
+    assert caplog.text.count("cannot list") == 1 and set(ms.objects) == {SVC, SLICE}
+    monkeypatch.setattr(manifests.os, "walk", real_walk)
+    assert ms.scan() == ({}, [])  # listed again: nothing changed
