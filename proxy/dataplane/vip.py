@@ -107,15 +107,29 @@ class Vips:
         return nets
 
     def _node_addresses(self) -> list[str]:
-        """Every address on this node's interfaces except svcproxy's VIPs and IPv6 link-local."""
+        """Every address on this node's interfaces except svcproxy's VIPs and IPv6 link-local.
+
+        The same dump checks the VIPs: one removed by someone else (or with its interface) is
+        added back, re-creating the dummy interface if it went away.
+        """
         result = []
+        present = set()
         for msg in self.ipr.get_addr():
             if msg.get_attr("IFA_PROTO") == ADDR_PROTO:
+                present.add(str(ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))))
                 continue
             addr = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
             if addr.is_link_local:
                 continue
             result.append(str(addr))
+        missing = self.owned - present
+        if missing:
+            logger.warning("service addresses removed from under svcproxy: %s; adding them back",
+                           " ".join(sorted(missing)))
+            self._index = None  # the interface itself may be gone: look it up (or create it) again
+            for ip in sorted(missing):
+                self.owned.discard(ip)
+                self._add(ip)
         return sorted(set(result))
 
     def _sync(self, wanted: set[str]) -> None:

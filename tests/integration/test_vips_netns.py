@@ -204,3 +204,30 @@ def test_vip_guard_hides_host_services_on_vips(netns: tuple[str, str], tmp_path:
             stop(proxy)
         backends.terminate()
         backends.wait(5)
+
+
+def test_a_vip_removed_from_under_it_is_restored(netns: tuple[str, str], tmp_path: Path) -> None:
+    node, _ = netns
+    objs = [service("web", VIP, 80), endpoint_slice("web", 8080, ["127.0.0.11"])]
+    write_manifests(tmp_path / "svc.yaml", objs)
+    backends = start(node, "-m", "proxy.demo_backend", "b1=127.0.0.11:8080")
+    proxy = start(node, "-m", "proxy", "--manifests", str(tmp_path), "--hostname-override", "node-a",
+                  "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "", "--drain-timeout", "1s",
+                  "--sync-period", "2s")
+    try:
+        assert backends.stdout is not None and backends.stdout.readline().strip() == "ready"
+        wait_for(lambda: "hello from" in str(ns_run(node, "connect", VIP, "80")))
+        where = next(line.split()[1].rstrip(":") for line in subprocess.run(
+            ["ip", "-n", node, "-o", "addr", "show", "to", VIP], capture_output=True, text=True).stdout.splitlines())
+        sh("ip", "-n", node, "addr", "del", f"{VIP}/32", "dev", where)  # an admin's slip, a network manager
+        assert VIP not in addresses(node)
+        # Restored at the next periodic sync (--sync-period 2s; node addresses are re-read every 5 s).
+        wait_for(lambda: addresses(node).get(VIP) == 0xD5, timeout=15)
+        wait_for(lambda: "hello from" in str(ns_run(node, "connect", VIP, "80")))
+        out = stop(proxy)
+        assert "service addresses removed from under svcproxy" in out and VIP in out
+    finally:
+        for proc in (proxy, backends):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
