@@ -110,7 +110,8 @@ class App:
             udp_idle_timeout=s.udp_idle_timeout,
             limits=tcp.Limits(max_connections=s.connection_limit(),
                               max_connections_per_service=s.max_connections_per_service,
-                              idle_timeout=s.tcp_idle_timeout, half_closed_timeout=s.tcp_half_closed_timeout),
+                              idle_timeout=s.tcp_idle_timeout, half_closed_timeout=s.tcp_half_closed_timeout,
+                              dial_timeouts=s.dial_timeouts, keepalive=s.tcp_keepalive),
         )
         self._collector = metrics.TrackerCollector(self.tracker, self._last_queued_wall)
         metrics.REGISTRY.register(self._collector)

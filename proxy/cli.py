@@ -26,6 +26,10 @@ def _duration(value: str) -> float:
         raise argparse.ArgumentTypeError(f"{value!r} is not a duration (e.g. 30s, 500ms)") from None
 
 
+def _durations(value: str) -> tuple[float, ...]:
+    return tuple(_duration(v.strip()) for v in value.split(",") if v.strip())
+
+
 def _cidrs(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
@@ -67,6 +71,11 @@ def daemon_parser() -> argparse.ArgumentParser:
     p.add_argument("--tcp-half-closed-timeout", type=_duration, default=3600.0,
                    help="close a half-closed TCP connection quiet this long (default 1h, kube-proxy's "
                    "conntrack CLOSE_WAIT; 0: never)")
+    p.add_argument("--tcp-keepalive", type=_duration, default=0.0,
+                   help="TCP keepalive on both legs, first probe after this idle time (default 0: off)")
+    p.add_argument("--dial-timeouts", type=_durations, default=(0.25, 0.5, 1.0, 2.0),
+                   help="comma-separated connect timeouts, one per retry after a timeout "
+                   "(default 250ms,500ms,1s,2s)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove the service addresses svcproxy added, then exit (they stay on a normal exit)")
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log verbosity (klog style; 4+ = debug)")
@@ -93,6 +102,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_connections_per_service=args.max_connections_per_service,
         tcp_idle_timeout=args.tcp_idle_timeout,
         tcp_half_closed_timeout=args.tcp_half_closed_timeout,
+        tcp_keepalive=args.tcp_keepalive,
+        dial_timeouts=args.dial_timeouts,
     ).validate()
 
 

@@ -47,6 +47,11 @@ class Settings:
     """Per service port; 0 = no limit."""
     tcp_idle_timeout: float = 0.0
     """Close TCP connections with no byte either way for this long; 0 = never (as kube-proxy)."""
+    tcp_keepalive: float = 0.0
+    """TCP keepalive on both legs of every proxied connection: first probe after this many idle
+    seconds; 0 = off (kube-proxy sets none)."""
+    dial_timeouts: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    """The connect-timeout ladder (the old userspace proxier's)."""
     tcp_half_closed_timeout: float = 3600.0
     """Close a TCP connection one side has ended once no byte has moved for this long (kube-proxy's
     conntrack CLOSE_WAIT timeout); 0 = never."""
@@ -82,6 +87,10 @@ class Settings:
                               ("--tcp-half-closed-timeout", self.tcp_half_closed_timeout)):
             if seconds < 0:
                 raise SettingsError(f"{flag} must be 0 (never) or more")
+        if self.tcp_keepalive < 0:
+            raise SettingsError("--tcp-keepalive must be 0 (off) or more")
+        if not self.dial_timeouts or any(t <= 0 for t in self.dial_timeouts):
+            raise SettingsError("--dial-timeouts must be one or more positive durations")
         if self.udp_idle_timeout <= 0:
             raise SettingsError("--udp-idle-timeout must be positive")
         if self.sync_period <= 0:

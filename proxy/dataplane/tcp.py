@@ -51,6 +51,10 @@ class Limits:
     """Close a connection with no byte either way for this long; 0 = never (kube-proxy has none)."""
     half_closed_timeout: float = 3600.0
     """Close a connection one side has ended when no byte has moved for this long; 0 = never."""
+    dial_timeouts: tuple[float, ...] = DIAL_TIMEOUTS
+    """The connect-timeout ladder: each timed-out dial moves to the next, longer one."""
+    keepalive: float = 0.0
+    """TCP keepalive on both legs: first probe after this many idle seconds; 0 = off."""
 
     @property
     def sweep_interval(self) -> float:
@@ -140,6 +144,18 @@ def _reset(t: asyncio.Transport) -> None:
     t.abort()
 
 
+def _keepalive(t: asyncio.Transport, idle: float) -> None:
+    """Probe after ``idle`` quiet seconds, then every idle/3, and give up after 3 misses (so a
+    dead peer is noticed within about twice ``idle``)."""
+    sock = t.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(idle / 3)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+
+
 class _Side(asyncio.Protocol):
     """One socket of a proxied connection; ``peer`` is the side its bytes go to."""
 
@@ -224,6 +240,8 @@ class Client(_Side):
         if not self._registry.admit(self):
             _reset(t)
             return
+        if self._registry.limits.keepalive:
+            _keepalive(t, self._registry.limits.keepalive)
         t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self._dial = self._loop.create_task(self._connect(client_ip, pool))
 
@@ -245,8 +263,9 @@ class Client(_Side):
         failed: list[Endpoint] = []
         step = 0
         timed_out = False
-        while step < len(DIAL_TIMEOUTS):
-            timeout = DIAL_TIMEOUTS[step]
+        ladder = self._registry.limits.dial_timeouts
+        while step < len(ladder):
+            timeout = ladder[step]
             ep = pool.pick(client_ip, failed)
             if ep is None:
                 break
@@ -335,6 +354,8 @@ class Client(_Side):
             client.close()
             return
         backend.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        if self._registry.limits.keepalive:
+            _keepalive(backend.transport, self._registry.limits.keepalive)
         if self._early:
             backend.transport.writelines(self._early)
             self._early.clear()

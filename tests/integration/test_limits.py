@@ -179,3 +179,56 @@ async def test_a_taken_address_is_reported_counted_and_retried_until_free(
                 writer.close()
     finally:
         blocker.close()
+
+
+async def test_tcp_keepalive_on_both_legs(tmp_path: Path) -> None:
+    objs = [service("ka", VIP, 8106), endpoint_slice("ka", PORT, [BACKEND])]
+    async with servers([(BACKEND, PORT)], lambda ip: Echo()), \
+            running_proxy(tmp_path, objs, tcp_keepalive=30.0) as app, connection(8106) as (reader, writer):
+        writer.write(b"k")
+        assert await asyncio.wait_for(reader.readexactly(1), 5) == b"k"
+        assert app.proxier is not None
+        [conn] = app.proxier.connections.live
+        for side in (conn, conn.backend):
+            assert side is not None and side.transport is not None
+            sock = side.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+
+
+async def test_keepalive_is_off_by_default(tmp_path: Path) -> None:
+    objs = [service("ka2", VIP, 8107), endpoint_slice("ka2", PORT, [BACKEND])]
+    async with servers([(BACKEND, PORT)], lambda ip: Echo()), running_proxy(tmp_path, objs) as app, \
+            connection(8107) as (reader, writer):
+        writer.write(b"k")
+        await asyncio.wait_for(reader.readexactly(1), 5)
+        assert app.proxier is not None
+        [conn] = app.proxier.connections.live
+        sock = conn.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+
+
+async def test_the_dial_timeout_ladder_is_a_setting(tmp_path: Path) -> None:
+    # A listener with a full accept queue drops SYNs: every dial to it hangs until its timeout.
+    hung_ip = "127.0.0.123"
+    hung = socket.socket()
+    hung.bind((hung_ip, PORT))
+    hung.listen(0)
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect((hung_ip, PORT))
+        fillers.append(s)
+    objs = [service("ladder", VIP, 8108), endpoint_slice("ladder", PORT, [hung_ip])]
+    try:
+        async with running_proxy(tmp_path, objs, dial_timeouts=(0.1, 0.2)), connection(8108) as (reader, _):
+            started = asyncio.get_running_loop().time()
+            assert await outcome(reader, 5) == "closed"  # every dial timed out: the client is closed
+            took = asyncio.get_running_loop().time() - started
+            assert 0.25 < took < 1.0, took  # 0.1 s + 0.2 s, not the default 3.75 s
+    finally:
+        for s in [*fillers, hung]:
+            s.close()
