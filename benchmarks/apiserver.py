@@ -254,12 +254,9 @@ def outer(args: argparse.Namespace, argv: list[str]) -> int:
         print("the control plane is not built: scripts/controlplane build", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix=f"{netns.PREFIX}{os.getpid()}-api-"))
-    (workdir / "host.json").write_text(json.dumps({"host_ns": netns.current_id()}))
     try:
-        with netns.namespace() as ns:
-            print(f"[api] namespace {ns}, workdir {workdir}", flush=True)
-            rc = subprocess.run([*netns.exec_prefix(ns), sys.executable, "-m", "benchmarks.apiserver", *argv,
-                                 "--inner", str(workdir)], cwd=REPO, timeout=args.timeout * 2 + 900).returncode
+        print(f"[api] workdir {workdir}", flush=True)
+        rc = netns.run_inside("benchmarks.apiserver", argv, workdir, timeout=args.timeout * 2 + 900)
         raw_path = workdir / "raw.json"
         if rc or not raw_path.exists():
             print(f"[api] inner run failed ({rc})", file=sys.stderr)
@@ -288,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.inner:
-        if not netns.is_isolated(json.loads((args.inner / "host.json").read_text())["host_ns"]):
-            print("refusing to run: not in a private network namespace with only lo", file=sys.stderr)
+        if not netns.inner_is_isolated(args.inner):
             return 2
         raw = asyncio.run(run_inner(args, args.inner))
         raw |= {"services": args.services, "endpoints_per_service": args.endpoints_per_service,

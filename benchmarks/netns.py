@@ -114,3 +114,31 @@ def tune_current() -> None:
 
 def set_sysctl(key: str, value: str) -> None:
     Path("/proc/sys", key).write_text(value)
+
+
+# -- running a module's inner half in a throwaway namespace ----------------------------------
+
+
+def run_inside(module: str, argv: list[str], workdir: Path, timeout: float) -> int:
+    """Run ``python -m module *argv --inner workdir`` in a fresh namespace (deleted afterwards).
+
+    The inner half calls :func:`inner_is_isolated` first: it refuses to run anywhere but there.
+    """
+    import json
+    import sys
+
+    (workdir / "host.json").write_text(json.dumps({"host_ns": current_id()}))
+    with namespace() as ns:
+        return subprocess.run([*exec_prefix(ns), sys.executable, "-m", module, *argv, "--inner", str(workdir)],
+                              cwd=Path(__file__).resolve().parent.parent, timeout=timeout).returncode
+
+
+def inner_is_isolated(workdir: Path) -> bool:
+    """True in the namespace :func:`run_inside` made; otherwise says why not, on stderr."""
+    import json
+    import sys
+
+    if is_isolated(json.loads((workdir / "host.json").read_text())["host_ns"]):
+        return True
+    print("refusing to run: not in a private network namespace with only lo", file=sys.stderr)
+    return False

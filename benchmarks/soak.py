@@ -406,8 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.inner:
-        if not netns.is_isolated(json.loads((args.inner / "host.json").read_text())["host_ns"]):
-            print("refusing to run: not in a private network namespace with only lo", file=sys.stderr)
+        if not netns.inner_is_isolated(args.inner):
             return 2
         import uvloop
 
@@ -419,11 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         print("run as root: the soak creates a network namespace", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix=f"{netns.PREFIX}{os.getpid()}-soak-"))
-    (workdir / "host.json").write_text(json.dumps({"host_ns": netns.current_id()}))
     try:
-        with netns.namespace() as ns:
-            rc = subprocess.run([*netns.exec_prefix(ns), sys.executable, "-m", "benchmarks.soak", *argv,
-                                 "--inner", str(workdir)], cwd=REPO, timeout=args.duration + 120).returncode
+        rc = netns.run_inside("benchmarks.soak", argv, workdir, timeout=args.duration + 120)
         if rc or not (workdir / "raw.json").exists():
             print(f"[soak] inner run failed ({rc}); svcproxy log:\n"
                   f"{(workdir / 'svcproxy.log').read_text()[-3000:] if (workdir / 'svcproxy.log').exists() else ''}",

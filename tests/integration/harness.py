@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +137,24 @@ def free_port(ip: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((ip, 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def hung_listener(ip: str, port: int) -> Iterator[None]:
+    """A listener with a full accept queue: it drops SYNs, so every dial to it hangs until its timeout."""
+    hung = socket.socket()
+    hung.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    hung.bind((ip, port))
+    hung.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect((ip, port))
+            fillers.append(s)
+        yield
+    finally:
+        for s in [*fillers, hung]:
+            s.close()

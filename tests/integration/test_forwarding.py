@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import errno
 import logging
 import socket
@@ -18,6 +17,7 @@ from tests.integration.harness import (
     ask,
     endpoint_slice,
     eventually,
+    hung_listener,
     refused,
     running_proxy,
     servers,
@@ -70,20 +70,8 @@ async def test_dead_endpoint_costs_no_failed_requests(tmp_path: Path) -> None:
 
 
 async def test_hung_endpoint_times_out_and_next_one_answers(tmp_path: Path) -> None:
-    # A listener with a full accept queue drops SYNs: the dial hangs until the 250 ms timeout.
-    hung = socket.socket()
-    hung.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    hung.bind((BACKENDS[2], PORT))
-    hung.listen(0)
-    fillers = []
-    for _ in range(4):
-        s = socket.socket()
-        s.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            s.connect((BACKENDS[2], PORT))
-        fillers.append(s)
     objs = [service("web", VIP, 8084), endpoint_slice("web", PORT, [BACKENDS[0], BACKENDS[2]])]
-    try:
+    with hung_listener(BACKENDS[2], PORT):
         async with servers([(BACKENDS[0], PORT)]), running_proxy(tmp_path, objs):
             loop = asyncio.get_running_loop()
             slowest = 0.0
@@ -93,9 +81,6 @@ async def test_hung_endpoint_times_out_and_next_one_answers(tmp_path: Path) -> N
                 slowest = max(slowest, loop.time() - start)
             # Half the picks hit the hung endpoint first: one 250 ms dial timeout, not more.
             assert 0.2 < slowest < 0.6
-    finally:
-        for s in [*fillers, hung]:
-            s.close()
 
 
 async def test_all_endpoints_dead_closes_client(tmp_path: Path) -> None:

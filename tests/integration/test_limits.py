@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from proxy import metrics
-from tests.integration.harness import endpoint_slice, running_proxy, servers, service
+from tests.integration.harness import endpoint_slice, hung_listener, running_proxy, servers, service
 
 VIP = "127.0.0.120"
 BACKEND = "127.0.0.121"
@@ -210,25 +210,11 @@ async def test_keepalive_is_off_by_default(tmp_path: Path) -> None:
 
 
 async def test_the_dial_timeout_ladder_is_a_setting(tmp_path: Path) -> None:
-    # A listener with a full accept queue drops SYNs: every dial to it hangs until its timeout.
     hung_ip = "127.0.0.123"
-    hung = socket.socket()
-    hung.bind((hung_ip, PORT))
-    hung.listen(0)
-    fillers = []
-    for _ in range(4):
-        s = socket.socket()
-        s.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            s.connect((hung_ip, PORT))
-        fillers.append(s)
     objs = [service("ladder", VIP, 8108), endpoint_slice("ladder", PORT, [hung_ip])]
-    try:
+    with hung_listener(hung_ip, PORT):
         async with running_proxy(tmp_path, objs, dial_timeouts=(0.1, 0.2)), connection(8108) as (reader, _):
             started = asyncio.get_running_loop().time()
             assert await outcome(reader, 5) == "closed"  # every dial timed out: the client is closed
             took = asyncio.get_running_loop().time() - started
             assert 0.25 < took < 1.0, took  # 0.1 s + 0.2 s, not the default 3.75 s
-    finally:
-        for s in [*fillers, hung]:
-            s.close()
