@@ -38,7 +38,7 @@ from kubernetes_asyncio import client, config
 from testbed import controlplane
 from testbed.fakeapi.server import FakeApiServer
 
-from . import cp_net, netns
+from . import cp_net, cp_report, netns
 from .dataplane import machine_facts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -270,11 +270,8 @@ def outer(args: argparse.Namespace, argv: list[str]) -> int:
         report = markdown(raw, meta)
         print(report)
         if not args.no_report:
-            md = args.out if args.out.suffix == ".md" else \
-                args.out / f"{meta['date']}-apiserver{'-smoke' if args.smoke else ''}.md"
-            md.parent.mkdir(parents=True, exist_ok=True)
-            md.write_text(report)
-            md.with_suffix(".json").write_text(json.dumps({"meta": meta, **raw}, indent=1))
+            md = cp_report.save(args.out, f"{meta['date']}-apiserver{'-smoke' if args.smoke else ''}.md",
+                                report, meta, raw)
             print(f"[api] wrote {md}", flush=True)
         return 0
     finally:

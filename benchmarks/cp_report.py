@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 DISTURBED = 0.10
@@ -317,3 +319,13 @@ def _profiles(raw: dict[str, Any]) -> list[str]:
     for phase, text in profiles.items():
         lines += [f"## Profile: {phase}", "", text, ""]
     return lines
+
+
+def save(out: Path, default_name: str, report: str, meta: dict[str, Any], raw: dict[str, Any]) -> Path:
+    """Write ``report`` to ``out`` (a .md path, or a folder to put ``default_name`` in) and its data
+    beside it as .json; return the .md path."""
+    md = out if out.suffix == ".md" else out / default_name
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(report)
+    md.with_suffix(".json").write_text(json.dumps({"meta": meta, **raw}, indent=1))
+    return md

@@ -44,7 +44,7 @@ import yaml
 
 from testbed.fakeapi.server import FakeApiServer
 
-from . import cp_net, netns
+from . import cp_net, cp_report, netns
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results"
@@ -430,10 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"date": dt.date.today().isoformat(), "svcproxy": head.stdout.strip() or "?",
                 "nproc": str(os.cpu_count()), "command": shlex.join(["python", "-m", "benchmarks.soak", *argv])}
         report = markdown(raw, meta)
-        md = args.out if args.out.suffix == ".md" else args.out / f"{meta['date']}-soak.md"
-        md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text(report)
-        md.with_suffix(".json").write_text(json.dumps({"meta": meta, **raw}, indent=1))
+        md = cp_report.save(args.out, f"{meta['date']}-soak.md", report, meta, raw)
         print(report)
         print(f"[soak] wrote {md}")
         return 0 if not raw["failures"] else 1

@@ -31,8 +31,6 @@ from proxy.tracker import ChangeTracker
 
 logger = logging.getLogger(__name__)
 
-
-
 BIND_RETRY_INTERVAL = 1.0
 """Seconds between attempts to bind a listener whose address is taken."""
 

@@ -73,7 +73,7 @@ def daemon_parser() -> argparse.ArgumentParser:
                    "conntrack CLOSE_WAIT; 0: never)")
     p.add_argument("--tcp-keepalive", type=_duration, default=0.0,
                    help="TCP keepalive on both legs, first probe after this idle time (default 0: off)")
-    p.add_argument("--dial-timeouts", type=_durations, default=(0.25, 0.5, 1.0, 2.0),
+    p.add_argument("--dial-timeouts", type=_durations, default=Settings.dial_timeouts,
                    help="comma-separated connect timeouts, one per retry after a timeout "
                    "(default 250ms,500ms,1s,2s)")
     p.add_argument("--cleanup", action="store_true",

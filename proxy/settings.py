@@ -51,7 +51,7 @@ class Settings:
     """TCP keepalive on both legs of every proxied connection: first probe after this many idle
     seconds; 0 = off (kube-proxy sets none)."""
     dial_timeouts: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
-    """The connect-timeout ladder (the old userspace proxier's)."""
+    """The connect-timeout ladder (the old userspace proxier's; also tcp.Limits' default)."""
     tcp_half_closed_timeout: float = 3600.0
     """Close a TCP connection one side has ended once no byte has moved for this long (kube-proxy's
     conntrack CLOSE_WAIT timeout); 0 = never."""

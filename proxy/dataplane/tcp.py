@@ -51,7 +51,7 @@ class Limits:
     """Close a connection with no byte either way for this long; 0 = never (kube-proxy has none)."""
     half_closed_timeout: float = 3600.0
     """Close a connection one side has ended when no byte has moved for this long; 0 = never."""
-    dial_timeouts: tuple[float, ...] = DIAL_TIMEOUTS
+    dial_timeouts: tuple[float, ...] = DIAL_TIMEOUTS  # the same ladder as Settings.dial_timeouts
     """The connect-timeout ladder: each timed-out dial moves to the next, longer one."""
     keepalive: float = 0.0
     """TCP keepalive on both legs: first probe after this many idle seconds; 0 = off."""
@@ -88,7 +88,8 @@ class Connections:
                 self._on_refused(name, reason)
             return False
         self.live.add(conn)
-        self.per_service[name] += 1
+        if lim.max_connections_per_service:  # counted only when limited: no work per connection otherwise
+            self.per_service[name] += 1
         self._idle.clear()
         if self._sweeper is None and lim.sweep_interval:
             self._schedule()
@@ -97,9 +98,10 @@ class Connections:
     def discard(self, conn: Client) -> None:
         if conn in self.live:
             self.live.discard(conn)
-            self.per_service[conn.service] -= 1
-            if not self.per_service[conn.service]:
-                del self.per_service[conn.service]
+            if self.limits.max_connections_per_service:
+                self.per_service[conn.service] -= 1
+                if not self.per_service[conn.service]:
+                    del self.per_service[conn.service]
         if not self.live:
             self._idle.set()
 
