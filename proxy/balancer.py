@@ -10,11 +10,27 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
 from proxy.model import Endpoint
 from proxy.outliers import Outliers
 
 _SHARED_RNG = random.Random()
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """A pool's next endpoints, prepared where the work does not hold up forwarding: hashing and
+    shuffling 50,000 endpoints takes ~30 ms, swapping in the result takes none."""
+
+    members: frozenset[Endpoint]
+    order: tuple[Endpoint, ...]
+
+
+def rotation(endpoints: tuple[Endpoint, ...], rng: random.Random | None = None) -> Rotation:
+    shuffled = list(endpoints)
+    (rng or _SHARED_RNG).shuffle(shuffled)
+    return Rotation(frozenset(endpoints), tuple(shuffled))
 
 
 class Pool:
@@ -30,6 +46,7 @@ class Pool:
         clock: Callable[[], float],
         rng: random.Random | None = None,
         outliers: Outliers | None = None,
+        prepared: Rotation | None = None,
     ) -> None:
         self._clock = clock
         self.outliers = outliers
@@ -41,19 +58,25 @@ class Pool:
         self.endpoints: tuple[Endpoint, ...] = ()
         self.members: frozenset[Endpoint] = frozenset()
         """The endpoints as a set: UDP flows check their endpoint is still in the pool."""
-        self.update(endpoints, affinity_timeout)
+        if prepared is not None:
+            self.install(prepared, affinity_timeout)
+        else:
+            self.update(endpoints, affinity_timeout)
 
     def update(self, endpoints: tuple[Endpoint, ...], affinity_timeout: int) -> None:
         """Take a new endpoint list; a list with the same members keeps order and cursor."""
+        changed = frozenset(endpoints) != self.members
+        self.install(rotation(endpoints, self._rng) if changed else None, affinity_timeout)
+
+    def install(self, prepared: Rotation | None, affinity_timeout: int) -> None:
+        """Take endpoints prepared by :func:`rotation`; None keeps the members, order and cursor."""
         if affinity_timeout != self.affinity_timeout:
             self.affinity_timeout = affinity_timeout
             self._affinity.clear()
-        members = frozenset(endpoints)
-        if members == self.members:
+        if prepared is None:
             return
-        shuffled = list(endpoints)
-        self._rng.shuffle(shuffled)
-        self.endpoints = tuple(shuffled)
+        members = prepared.members
+        self.endpoints = prepared.order
         self.members = members
         self._cursor = 0
         self._affinity = {ip: v for ip, v in self._affinity.items() if v[0] in members}

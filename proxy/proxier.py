@@ -6,10 +6,11 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from proxy import metrics
-from proxy.balancer import Pool
+from proxy.balancer import Pool, Rotation, rotation
 from proxy.dataplane import tcp
 from proxy.dataplane.guard import VipGuard
 from proxy.dataplane.healthcheck import ServiceHealthServers
@@ -27,6 +28,35 @@ NODE_REFRESH = 5.0
 """Seconds between reads of the node's addresses (for nodePorts and local-traffic detection)."""
 AFFINITY_SWEEP = 10.0
 """Seconds between sweeps of expired ClientIP affinities (lookups check expiry themselves)."""
+
+T = TypeVar("T")
+
+
+OnData = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
+"""Runs a coroutine on the data loop and returns its result (see proxy.control)."""
+
+
+async def _here(coro: Coroutine[Any, Any, T]) -> T:
+    return await coro
+
+
+class Turn:
+    """Gives the loop back when a batch of data-plane changes has held it for ``TURN`` seconds.
+
+    Opening 10,000 listeners, or swapping the endpoints of as many pools, takes seconds; done in
+    one go, every connection on the node would wait for it.
+    """
+
+    TURN = 0.02
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._since = clock()
+
+    async def pause(self) -> None:
+        if self._clock() - self._since >= self.TURN:
+            await asyncio.sleep(0)
+            self._since = self._clock()
 
 
 class Proxier:
@@ -86,48 +116,75 @@ class Proxier:
             addrs = tuple(a for a in addrs if any(ipaddress.ip_address(a) in n for n in self._nodeport_cidrs))
         return addrs
 
-    async def sync(self) -> None:
-        """Apply every pending change. Called by the runner; never before the first full list."""
+    async def sync(self, on_data: OnData | None = None) -> int:
+        """Apply every pending change; returns how many endpoints the changed pools hold.
+
+        Called by the runner; never before the first full list.
+
+        The tracker and the table belong to the caller's (control) loop; everything that touches
+        sockets, pools or addresses runs through ``on_data`` on the data loop (by default: here).
+        """
         if not self.tracker.synced:
-            return
+            return 0
+        run = on_data or _here
         start = self._clock()
         plans = []
-        node = Node(self._node_name, await self.nodeport_addresses(), self.node_zone)
+        node = Node(self._node_name, await run(self.nodeport_addresses()), self.node_zone)
         if node != self.table.node:
             plans.append(self.table.set_node(node))
         plans.append(self.table.update(self.tracker.checkout()))
-        for plan in plans:
-            await self._apply(plan)
-        await self._retry_failed()
-        if start - self._affinity_swept >= AFFINITY_SWEEP:  # O(pools): not on every sync
-            self._affinity_swept = start
-            for pool in self.pools.values():
-                pool.expire_affinity()
+        await run(self._apply_all(plans, self._rotations(plans), start))
         elapsed = self._clock() - start
         self.health.updated()
         metrics.sync_duration.observe(elapsed)
         metrics.sync_last_timestamp.set_to_current_time()
         metrics.conflicts.set(self.table.conflicts)
+        logger.debug("sync done in %.1f ms", elapsed * 1000)
+        return sum(len(spec.endpoints) for plan in plans for spec in plan.pools.values())
+
+    def _rotations(self, plans: list[Plan]) -> dict[PoolKey, Rotation | None]:
+        """On the caller's loop: each changed pool's endpoints hashed and shuffled, None where
+        the members are the same. The pools are only replaced while the caller awaits the apply."""
+        prepared: dict[PoolKey, Rotation | None] = {}
+        for plan in plans:
+            for key, spec in plan.pools.items():
+                pool = self.pools.get(key)
+                same = pool is not None and frozenset(spec.endpoints) == pool.members
+                prepared[key] = None if same else rotation(spec.endpoints)
+        return prepared
+
+    async def _apply_all(self, plans: list[Plan], prepared: dict[PoolKey, Rotation | None], start: float) -> None:
+        """On the data loop: the plans, failed binds again, and the data plane's own upkeep."""
+        turn = Turn(self._clock)
+        for plan in plans:
+            await self._apply(plan, prepared, turn)
+        await self._retry_failed()
+        if start - self._affinity_swept >= AFFINITY_SWEEP:  # O(pools): not on every sync
+            self._affinity_swept = start
+            for pool in self.pools.values():
+                pool.expire_affinity()
+                await turn.pause()
         metrics.listeners_failed.set(len(self._failed))
         if self.outliers.ejections:  # forget endpoints that left every pool
             current = {(ep.ip, ep.port) for pool in self.pools.values() for ep in pool.endpoints}
             self.outliers.forget(current.__contains__)
-        logger.debug("sync done in %.1f ms", elapsed * 1000)
 
-    async def _apply(self, plan: Plan) -> None:
+    async def _apply(self, plan: Plan, prepared: dict[PoolKey, Rotation | None], turn: Turn) -> None:
         if not plan:
             return
         if plan.add_vips:
             await self.vips.sync(self.table.vips)
         for pool_key, pool_spec in plan.pools.items():
             pool = self.pools.get(pool_key)
+            rot = prepared.get(pool_key)
             if pool is None:
                 self.pools[pool_key] = Pool(
                     pool_spec.endpoints, affinity_timeout=pool_spec.affinity_timeout, clock=self._clock,
-                    outliers=self.outliers,
+                    outliers=self.outliers, prepared=rot,
                 )
             else:
-                pool.update(pool_spec.endpoints, pool_spec.affinity_timeout)
+                pool.install(rot, pool_spec.affinity_timeout)
+            await turn.pause()
         for spec in plan.retarget:
             listener = self.listeners.open.get(spec.key)
             if listener is None:
@@ -137,11 +194,14 @@ class Proxier:
             listener.target.local_traffic_pool = self._local_traffic_pool(spec)
             listener.target.name = str(spec.pool.name)
             listener.target.set_source_ranges(spec.source_ranges)
+            await turn.pause()
         for spec in plan.open:
             await self._open(spec)
+            await turn.pause()
         for key in plan.close:
             self._failed.pop(key, None)
             self.listeners.close(key)
+            await turn.pause()
         self.health_servers.local_endpoints.update(plan.local_endpoints)
         for hkey in plan.health_close:
             await self.health_servers.close(hkey)

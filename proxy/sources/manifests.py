@@ -16,6 +16,9 @@ A half-saved edit never takes a service down (editors often save in place: trunc
 Sizes are bounded: a file over ``MAX_FILE_BYTES`` is refused without being read, and so is one
 whose YAML aliases expand to more than ``MAX_EXPANDED_NODES`` values (a "billion laughs" file of a
 few hundred bytes would otherwise hold the proxy for minutes when compared or converted).
+
+Files run on a worker thread of the control loop; one over ``INLINE_BYTES`` is parsed in a child
+process (proxy.sources.parse_child), as libyaml would hold the GIL for the whole parse.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 import yaml
 
 from proxy.model import NamespacedName
-from proxy.sources import Handler
+from proxy.sources import Handler, parse_child
 from proxy.tracker import ENDPOINT_SLICES, SERVICES
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ MAX_FILE_BYTES = 32 * 1024 * 1024
 """Larger manifest files are refused (10,000 Services with 10 endpoints each take about 25 MB)."""
 MAX_EXPANDED_NODES = 2_000_000
 """Values a file may hold once its aliases are expanded (10x what that 25 MB file holds)."""
+INLINE_BYTES = 32 * 1024
+"""Larger files are parsed in a child process (libyaml holds the GIL ~40 ms for this much)."""
 
 ObjKey = tuple[str, NamespacedName]
 
@@ -56,6 +61,23 @@ class ManifestError(ValueError):
 class _File:
     signature: tuple[int, int, int]
     objects: dict[ObjKey, dict[str, Any]] = field(default_factory=dict)
+
+
+def decode(path: Path, raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def load(path: Path, raw: bytes) -> dict[ObjKey, dict[str, Any]]:
+    """``parse`` for a file's bytes: here if small, in a child process if not."""
+    if len(raw) <= INLINE_BYTES:
+        return parse(path, decode(path, raw))
+    try:
+        return parse_child.parse(path, raw)
+    except parse_child.ChildError as e:
+        raise ManifestError(str(e)) from None
 
 
 def parse(path: Path, text: str) -> dict[ObjKey, dict[str, Any]]:
@@ -201,16 +223,14 @@ class ManifestSet:
                 if signature[1] > MAX_FILE_BYTES:
                     raise ManifestError(f"{path}: {signature[1]:,} bytes is more than the "
                                         f"{MAX_FILE_BYTES:,} a manifest file may have; refused")
-                text = path.read_text()
+                raw = path.read_bytes()
                 if _signature(path) != signature:
                     continue  # written while we read: take it whole at the next poll
-                objects = parse(path, text)
-            except UnicodeDecodeError as e:
-                logger.error("cannot load %s: not UTF-8 (%s) (keeping its last good objects)", path, e.reason)
+                objects = load(path, raw)
             except (ManifestError, OSError) as e:
                 logger.error("cannot load %s (keeping its last good objects)", e)
             else:
-                if not text.strip() and entry.objects:
+                if not raw.strip() and entry.objects:
                     logger.warning("%s is empty now: keeping its %d objects (a save in progress?); "
                                    "delete the file to remove them", path, len(entry.objects))
                 else:
@@ -260,9 +280,8 @@ async def run(handler: Handler, root: Path, *, interval: float = 0.5, node_name:
     handler.on_synced(ENDPOINT_SLICES)
     while True:
         await asyncio.sleep(interval)
-        # Reading, parsing and comparing run on a worker thread, so the Python-level parts share
-        # the GIL with forwarding every few milliseconds. libyaml's composer still holds the GIL
-        # for a whole document: a 3 MB, 50,000-endpoint slice stalls the loop ~3.5 s (was 6.8 s).
+        # Reading, parsing and comparing run on a worker thread (parsing large files in a child
+        # process), so this loop keeps taking watch events and the data plane never waits.
         changed, deleted = await asyncio.to_thread(manifests.scan)
         if changed or deleted:
             logger.info("manifests changed: %d objects added or updated, %d removed", len(changed), len(deleted))
