@@ -44,26 +44,36 @@ def _frame(value: Any) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
-def _long_lists(obj: dict[str, Any]) -> Iterator[tuple[Path_, dict[str, Any], str]]:
-    """Lists longer than CHUNK directly in the object or one level down (spec.ports)."""
+OK = _frame(("ok", None))
+"""The first frame of a child that parsed its file; an ("error", message) frame otherwise."""
+
+
+def _split(obj: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[Path_, list[Any]]]]:
+    """The object with its lists of more than CHUNK items emptied (directly in it, or one level
+    down: spec.ports), and those lists. Copies, not edits: YAML aliases may share a list."""
+    skeleton = dict(obj)
+    lists: list[tuple[Path_, list[Any]]] = []
     for key, value in obj.items():
         if isinstance(value, list) and len(value) > CHUNK:
-            yield (key,), obj, key
+            skeleton[key] = []
+            lists.append(((key,), value))
         elif isinstance(value, dict):
+            inner = dict(value)
             for key2, value2 in value.items():
                 if isinstance(value2, list) and len(value2) > CHUNK:
-                    yield (key, key2), value, key2
+                    inner[key2] = []
+                    lists.append(((key, key2), value2))
+            skeleton[key] = inner
+    return skeleton, lists
 
 
 def encode(objects: dict[Any, dict[str, Any]]) -> Iterator[bytes]:
-    """Frames for ``objects`` (consumed: long lists are taken out of them)."""
+    """Frames for ``objects``: a count, then per object a header and its long lists' chunks."""
     yield _frame(len(objects))
     for key, obj in objects.items():
-        taken = [(path, parent, name, parent[name]) for path, parent, name in list(_long_lists(obj))]
-        for _, parent, name, _ in taken:
-            parent[name] = []
-        yield _frame((key, obj, [(path, -(-len(items) // CHUNK)) for path, _, _, items in taken]))
-        for _, _, _, items in taken:
+        skeleton, lists = _split(obj)
+        yield _frame((key, skeleton, [(path, -(-len(items) // CHUNK)) for path, items in lists]))
+        for _, items in lists:
             for i in range(0, len(items), CHUNK):
                 yield _frame(items[i:i + CHUNK])
 
@@ -78,7 +88,7 @@ def main(argv: list[str]) -> int:
     except manifests.ManifestError as e:
         out.write(_frame(("error", str(e))))
         return 1
-    out.write(_frame(("ok", None)))
+    out.write(OK)
     for frame in encode(objects):
         out.write(frame)
     return 0
