@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import convert, health, metrics
+from proxy import convert, health, metrics, table
 from proxy.control import ControlThread
 from proxy.dataplane import tcp
 from proxy.dataplane.guard import VipGuard
@@ -133,7 +133,7 @@ class App:
         metrics.REGISTRY.register(self._outlier_collector)
         if s.shared_http_address():
             # One socket for both, as asked: two sockets on one port would split the requests.
-            metrics_routes = [r for r in metrics.routes() if r.path != "/healthz"]
+            metrics_routes = [r for r in metrics.routes() if r.path != "/healthz"] + table.routes(self.proxier)
             self.healthz_address = self.metrics_address = await self._serve_http(
                 s.healthz_bind_address, "--healthz-bind-address", health.routes(self.health) + metrics_routes)
         else:
@@ -141,7 +141,7 @@ class App:
                                                           health.routes(self.health))
         if s.metrics_bind_address and not s.shared_http_address():
             self.metrics_address = await self._serve_http(s.metrics_bind_address, "--metrics-bind-address",
-                                                          metrics.routes())
+                                                          metrics.routes() + table.routes(self.proxier))
         self.watchdog = LoopWatchdog(loop, metrics.loop_lag.observe)
         self.watchdog.start()
         self.control = ControlThread(loop)

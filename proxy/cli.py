@@ -1,4 +1,5 @@
-"""The ``svcproxy`` command: the daemon (kube-proxy's flag names) and ``svcproxy demo``."""
+"""The ``svcproxy`` command: the daemon (kube-proxy's flag names), ``svcproxy demo`` and
+``svcproxy table`` (the running instance's routing table)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def daemon_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="svcproxy",
         description="A userspace kube-proxy: forwards Service traffic to pods. "
-        "Run 'svcproxy demo' for a local demonstration.",
+        "Run 'svcproxy demo' for a local demonstration, 'svcproxy table' to see what a running one serves.",
     )
     p.add_argument("--manifests", type=Path, help="read Services and EndpointSlices from this YAML file or directory")
     p.add_argument("--kubeconfig", help="kubeconfig file for the API server")
@@ -119,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy import demo  # only the demo needs it
 
         return demo.main(argv[1:])
+    if argv[:1] == ["table"]:
+        from proxy import table
+
+        return table.main(argv[1:])
     parser = daemon_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbosity, args.log_level)

@@ -46,6 +46,8 @@ class ListenerSpec:
     local_traffic_pool: PoolKey | None = None
     """externalTrafficPolicy: Local frontends: the Cluster pool that traffic from this node or its
     cluster's pods uses instead (kube-proxy sends it "out to the LB and back" that way)."""
+    kind: str = "ClusterIP"
+    """Which frontend of the Service this is: ClusterIP, ExternalIP, LoadBalancer or NodePort."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -167,8 +169,9 @@ def desired(state: ServiceState, node: Node) -> tuple[dict[ListenerKey, Listener
                                       sp.affinity_timeout)
             return key
 
-        def add(ip: str, port: int, policy: Policy, ranges: tuple[str, ...] = (), *, external: bool = False,
+        def add(ip: str, port: int, policy: Policy, ranges: tuple[str, ...] = (), *, kind: str,
                 sp: ServicePort = sp) -> None:
+            external = kind != "ClusterIP"
             family = family_of(ip)
             pool = pool_for(family, policy)
             short = pool_for(family, Policy.CLUSTER) if external and policy is Policy.LOCAL else None
@@ -176,17 +179,17 @@ def desired(state: ServiceState, node: Node) -> tuple[dict[ListenerKey, Listener
                 key = ListenerKey(ip, port, sp.protocol)
                 # kube-proxy filters the ranges by family; none left means no firewall at all.
                 allowed = tuple(r for r in ranges if family_of(r) == family) or None
-                listeners[key] = ListenerSpec(key, pool, allowed, short)
+                listeners[key] = ListenerSpec(key, pool, allowed, short, kind)
 
         for ip in sp.cluster_ips:
-            add(ip, sp.port, sp.internal_policy)
+            add(ip, sp.port, sp.internal_policy, kind="ClusterIP")
         for ip in sp.external_ips:
-            add(ip, sp.port, sp.external_policy, external=True)
+            add(ip, sp.port, sp.external_policy, kind="ExternalIP")
         for ip in sp.captured_lb_ips:
-            add(ip, sp.port, sp.external_policy, sp.load_balancer_source_ranges, external=True)
+            add(ip, sp.port, sp.external_policy, sp.load_balancer_source_ranges, kind="LoadBalancer")
         if sp.node_port:
             for ip in node.nodeport_addresses:
-                add(ip, sp.node_port, sp.external_policy, external=True)
+                add(ip, sp.node_port, sp.external_policy, kind="NodePort")
     used = {s.pool for s in listeners.values()} | {s.local_traffic_pool for s in listeners.values()}
     return listeners, {k: v for k, v in pools.items() if k in used}
 

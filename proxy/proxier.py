@@ -78,6 +78,7 @@ class Proxier:
         self.vips = vips
         self.health = health
         self._node_name = node_name
+        self.node_name = node_name
         self.node_zone = ""
         """This node's topology.kubernetes.io/zone label (from its Node object), for zone hints."""
         self._nodeport_cidrs = [ipaddress.ip_network(c, strict=False) for c in nodeport_cidrs]
@@ -96,6 +97,8 @@ class Proxier:
         self.health_servers = ServiceHealthServers(health.healthy)
         self.guard = VipGuard()
         self._failed: dict[ListenerKey, ListenerSpec] = {}
+        self.serving: dict[ListenerKey, ListenerSpec] = {}
+        """What each open listener serves (data loop side; the routing table view reads it)."""
         self._unsupported_logged: set[str] = set()
 
     async def nodeport_addresses(self) -> tuple[str, ...]:
@@ -194,12 +197,14 @@ class Proxier:
             listener.target.local_traffic_pool = self._local_traffic_pool(spec)
             listener.target.name = str(spec.pool.name)
             listener.target.set_source_ranges(spec.source_ranges)
+            self.serving[spec.key] = spec
             await turn.pause()
         for spec in plan.open:
             await self._open(spec)
             await turn.pause()
         for key in plan.close:
             self._failed.pop(key, None)
+            self.serving.pop(key, None)
             self.listeners.close(key)
             await turn.pause()
         self.health_servers.local_endpoints.update(plan.local_endpoints)
@@ -236,6 +241,7 @@ class Proxier:
             self._failed[key] = spec
             return
         self._failed.pop(key, None)
+        self.serving[key] = spec
         logger.debug("%s: listening on %s", spec.pool.name, key)
 
     def _local_traffic_pool(self, spec: ListenerSpec) -> Pool | None:
@@ -260,6 +266,7 @@ class Proxier:
         instead of packets routed off the node, and the next svcproxy adopts them without a flap.
         """
         self.listeners.close_all()
+        self.serving.clear()
         await self.health_servers.close_all()
         if self.connections.live:
             logger.info("draining %d connections for up to %.0fs", len(self.connections.live), drain_seconds)

@@ -205,7 +205,8 @@ class _Side(asyncio.Protocol):
 class Client(_Side):
     """The accepted client socket; owns the connection's lifecycle."""
 
-    __slots__ = ("_dial", "_early", "_loop", "_registry", "_target", "_timed_out", "active", "backend", "quiet")
+    __slots__ = ("_dial", "_early", "_loop", "_registry", "_target", "_timed_out", "active", "backend", "endpoint",
+                 "quiet")
 
     def __init__(self, target: Target, registry: Connections, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(self)
@@ -216,6 +217,8 @@ class Client(_Side):
         self._early: list[bytes] = []
         self._timed_out = False
         self.backend: _Side | None = None
+        self.endpoint: Endpoint | None = None
+        """The endpoint the connection went to, once dialled (the routing table counts them)."""
         self.active = True
         """Set by every chunk either way; cleared by the registry's sweep."""
         self.quiet = 0.0
@@ -326,6 +329,7 @@ class Client(_Side):
                 continue
             if pool.outliers is not None and pool.outliers.ejections:
                 pool.outliers.succeeded(ep)
+            self.endpoint = ep
             self._attach(backend)
             return
         peer = client_ip

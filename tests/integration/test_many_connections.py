@@ -45,7 +45,7 @@ uvloop.run(main())
 
 def raise_nofile(wanted: int) -> int:
     """Raise this process's descriptor limit (children inherit it) toward ``wanted``; the result."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < wanted:
         with contextlib.suppress(ValueError, OSError):  # needs CAP_SYS_RESOURCE
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
