@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import convert, health, metrics, table
+from proxy import convert, gcpolicy, health, metrics, table
 from proxy.control import ControlThread
 from proxy.dataplane import tcp
 from proxy.dataplane.guard import VipGuard
@@ -36,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 BIND_RETRY_INTERVAL = 1.0
 """Seconds between attempts to bind a listener whose address is taken."""
-FREEZE_AFTER = 10_000
-"""A sync that changed pools holding this many endpoints moves the heap out of the collector's way."""
 
 
 class ConfigurationError(Exception):
@@ -62,6 +60,7 @@ class App:
         self._initial_sync_done = False
         self.control: ControlThread | None = None
         self.watchdog: LoopWatchdog | None = None
+        self._freezer: gcpolicy.HeapFreezer | None = None
         self._web: list[web.AppRunner] = []
         self._collector: metrics.TrackerCollector | None = None
         self._outlier_collector: metrics.OutlierCollector | None = None
@@ -78,7 +77,7 @@ class App:
     async def _sync(self) -> None:
         """On the control loop: plan there, apply on the data loop."""
         assert self.proxier is not None and self.control is not None
-        changed = await self.proxier.sync(self.control.on_data)
+        await self.proxier.sync(self.control.on_data)
         if self.proxier.failed_listeners and (self._bind_retry is None or self._bind_retry.cancelled()):
             # Something holds an address we must serve: try again soon, not only at the next resync.
             def retry() -> None:
@@ -89,18 +88,14 @@ class App:
         if self.tracker.synced and not self._initial_sync_done:
             self._initial_sync_done = True
             self.control.call_data(self.synced.set)
-            # Everything loaded so far lives for long: keep the collector from walking it again.
-            # A full collection at 10k Services took ~240 ms (the p99 of endpoint changes).
+            # Start-up garbage collected once; from here on the heap is frozen every second
+            # (proxy.gcpolicy) so that full collections stay short.
             gc.collect()
             gc.freeze()
+            if self._freezer is not None:
+                self.control.call_data(self._freezer.start)
             logger.info("initial sync done: %d services, %d listeners",
                         len(self.proxier.table.services), len(self.proxier.listeners.open))
-        elif changed >= FREEZE_AFTER:
-            # As many new long-lived objects again would make the next full collection walk them
-            # all, holding the GIL (and so forwarding) for ~80 ms per 50,000 endpoints. The young
-            # generations are collected first; what is frozen is only ever freed by refcounting.
-            gc.collect(1)
-            gc.freeze()
 
     async def start(self) -> None:
         s = self.settings
@@ -143,6 +138,7 @@ class App:
             self.metrics_address = await self._serve_http(s.metrics_bind_address, "--metrics-bind-address",
                                                           metrics.routes() + table.routes(self.proxier))
         self.watchdog = LoopWatchdog(loop, metrics.loop_lag.observe)
+        self._freezer = gcpolicy.HeapFreezer(loop)
         self.watchdog.start()
         self.control = ControlThread(loop)
         self.control.start(self._control_main)
@@ -232,6 +228,8 @@ class App:
             await self.control.stop()
         if self.watchdog is not None:
             self.watchdog.stop()
+        if self._freezer is not None:
+            self._freezer.stop()
         if self.proxier is not None:
             await self.proxier.shutdown(drain_seconds=self.settings.drain_timeout)
         for runner in self._web:

@@ -119,16 +119,14 @@ class Proxier:
             addrs = tuple(a for a in addrs if any(ipaddress.ip_address(a) in n for n in self._nodeport_cidrs))
         return addrs
 
-    async def sync(self, on_data: OnData | None = None) -> int:
-        """Apply every pending change; returns how many endpoints the changed pools hold.
-
-        Called by the runner; never before the first full list.
+    async def sync(self, on_data: OnData | None = None) -> None:
+        """Apply every pending change. Called by the runner; never before the first full list.
 
         The tracker and the table belong to the caller's (control) loop; everything that touches
         sockets, pools or addresses runs through ``on_data`` on the data loop (by default: here).
         """
         if not self.tracker.synced:
-            return 0
+            return
         run = on_data or _here
         start = self._clock()
         plans = []
@@ -143,7 +141,6 @@ class Proxier:
         metrics.sync_last_timestamp.set_to_current_time()
         metrics.conflicts.set(self.table.conflicts)
         logger.debug("sync done in %.1f ms", elapsed * 1000)
-        return sum(len(spec.endpoints) for plan in plans for spec in plan.pools.values())
 
     def _rotations(self, plans: list[Plan]) -> dict[PoolKey, Rotation | None]:
         """On the caller's loop: each changed pool's endpoints hashed and shuffled, None where

@@ -396,6 +396,18 @@ class Client(_Side):
             self._dial.cancel()
         if self.transport is None and (self.backend is None or self.backend.transport is None):
             self._registry.discard(self)
+            self._release()
+
+    def _release(self) -> None:
+        """Untie a finished connection: the two sides point at each other (and the client at
+        itself), and left so every closed connection would wait for the cyclic collector, which
+        at scale walks the whole heap. Untied, reference counting frees it at once."""
+        backend = self.backend
+        if backend is not None:
+            backend.peer = None
+            backend.conn = None  # type: ignore[assignment]  # finished: no callback reads it again
+        self.peer = self.backend = self._dial = None
+        self.conn = None  # type: ignore[assignment]
 
     def abort(self) -> None:
         for side in (self, self.backend):

@@ -166,6 +166,13 @@ class Reflector:
     def replace(self, items: list[Any], list_rv: str) -> None:
         """Take a full list: report new and changed objects, then the ones that are gone."""
         seen: dict[NamespacedName, str] = {}
+        self.take_page(items, seen)
+        self.finish_list(seen, list_rv)
+
+    def take_page(self, items: list[Any], seen: dict[NamespacedName, str]) -> None:
+        """Report the new and changed objects of one page of a list as it arrives, noting each in
+        ``seen``. Pages are taken one by one rather than gathered: 10,000 slices held at once as
+        JSON are half a million objects for the garbage collector to walk, again and again."""
         for obj in items:
             key = object_key(obj) if isinstance(obj, dict) else None
             if key is None:
@@ -178,6 +185,9 @@ class Reflector:
                 obj.setdefault("kind", self.kind)
                 obj.setdefault("apiVersion", self.resource.api_version)
                 self._deliver(key, obj)
+
+    def finish_list(self, seen: dict[NamespacedName, str], list_rv: str) -> None:
+        """The list is complete: report the objects it no longer has; watch from ``list_rv``."""
         for key in sorted(self.known.keys() - seen.keys()):
             self._deliver(key, None)
         self.known = seen
@@ -349,11 +359,15 @@ async def relist(reflector: Reflector, settings: WatchSettings, on_response: Cal
     """
     params: dict[str, Any] = {} if reflector.synced else {"resource_version": "0"}
     limit = settings.list_page_size
-    items: list[Any] = []
+    seen: dict[NamespacedName, str] = {}
     body = await _list_page(reflector, settings, on_response, **params, **({"limit": limit} if limit else {}))
     while True:
-        items.extend(body["items"])
+        # Each page is handed over as it comes (objects newer than the watch had are real states
+        # all the same); only the deletions wait for the whole list.
+        list_rv = resource_version(body)
         token = (body.get("metadata") or {}).get("continue")
+        reflector.take_page(body["items"], seen)
+        del body
         if not token:
             break
         try:
@@ -361,14 +375,13 @@ async def relist(reflector: Reflector, settings: WatchSettings, on_response: Cal
         except Expired:
             # The snapshot behind the token was compacted: start over in one piece (client-go's pager).
             logger.info("%s: list continuation expired after %d items; listing in one piece",
-                        reflector.kind, len(items))
-            items = []
+                        reflector.kind, len(seen))
+            seen = {}
             body = await _list_page(reflector, settings, on_response)
-    list_rv = resource_version(body)
     if not list_rv:
         raise ValueError(f"{reflector.kind} list: no metadata.resourceVersion")
-    logger.debug("%s: listed %d objects at resourceVersion %s", reflector.kind, len(items), list_rv)
-    reflector.replace(items, list_rv)
+    logger.debug("%s: listed %d objects at resourceVersion %s", reflector.kind, len(seen), list_rv)
+    reflector.finish_list(seen, list_rv)
 
 
 async def watch_stream(reflector: Reflector, settings: WatchSettings,
