@@ -9,6 +9,7 @@ stop accepting, drain live connections for ``drain_timeout``, then exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -26,6 +27,7 @@ from proxy.dataplane import tcp
 from proxy.dataplane.guard import VipGuard
 from proxy.dataplane.vip import Vips
 from proxy.dataplane.watchdog import LoopWatchdog
+from proxy.handover import Handover
 from proxy.proxier import Proxier
 from proxy.runner import Runner
 from proxy.settings import Settings, parse_host_port
@@ -60,7 +62,8 @@ class App:
         self._initial_sync_done = False
         self.control: ControlThread | None = None
         self.watchdog: LoopWatchdog | None = None
-        self._freezer: gcpolicy.HeapFreezer | None = None
+        self._freezer = gcpolicy.FreezeSlowCollections()
+        self.handover: Handover | None = None
         self._web: list[web.AppRunner] = []
         self._collector: metrics.TrackerCollector | None = None
         self._outlier_collector: metrics.OutlierCollector | None = None
@@ -87,15 +90,34 @@ class App:
             self._bind_retry = asyncio.get_running_loop().call_later(BIND_RETRY_INTERVAL, retry)
         if self.tracker.synced and not self._initial_sync_done:
             self._initial_sync_done = True
-            self.control.call_data(self.synced.set)
-            # Start-up garbage collected once; from here on the heap is frozen every second
-            # (proxy.gcpolicy) so that full collections stay short.
+            await self.control.on_data(self._initial_sync_applied())
+            # Start-up garbage collected once, and what is left out of the collector's way
+            # (proxy.gcpolicy does the same after any slow full collection).
             gc.collect()
             gc.freeze()
-            if self._freezer is not None:
-                self.control.call_data(self._freezer.start)
             logger.info("initial sync done: %d services, %d listeners",
                         len(self.proxier.table.services), len(self.proxier.listeners.open))
+
+    async def _initial_sync_applied(self) -> None:
+        """On the data loop, once: ready (the ready file, the predecessor of a restart told)."""
+        self.synced.set()
+        ready = self.settings.ready_file
+        if ready is not None:
+            try:
+                ready.write_text(f"{os.getpid()}\n")
+            except OSError as e:
+                logger.error("cannot write --ready-file %s: %s", ready, e.strerror or e)
+        if self.handover is not None:
+            await self.handover.synced()
+
+    async def hand_over(self) -> None:
+        """Before a stop on SIGTERM: not ready any more, and a replacement still syncing waited for."""
+        ready = self.settings.ready_file
+        if ready is not None:
+            with contextlib.suppress(FileNotFoundError):
+                ready.unlink()
+        if self.handover is not None:
+            await self.handover.wait_for_successor(self.settings.handover_timeout)
 
     async def start(self) -> None:
         s = self.settings
@@ -137,8 +159,11 @@ class App:
         if s.metrics_bind_address and not s.shared_http_address():
             self.metrics_address = await self._serve_http(s.metrics_bind_address, "--metrics-bind-address",
                                                           metrics.routes() + table.routes(self.proxier))
+        if s.handover_socket:
+            self.handover = Handover(s.handover_socket)
+            await self.handover.start()
         self.watchdog = LoopWatchdog(loop, metrics.loop_lag.observe)
-        self._freezer = gcpolicy.HeapFreezer(loop)
+        self._freezer.install()
         self.watchdog.start()
         self.control = ControlThread(loop)
         self.control.start(self._control_main)
@@ -228,8 +253,12 @@ class App:
             await self.control.stop()
         if self.watchdog is not None:
             self.watchdog.stop()
-        if self._freezer is not None:
-            self._freezer.stop()
+        self._freezer.remove()
+        if self.handover is not None:
+            await self.handover.close()
+        if self.settings.ready_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.settings.ready_file.unlink()
         if self.proxier is not None:
             await self.proxier.shutdown(drain_seconds=self.settings.drain_timeout)
         for runner in self._web:
@@ -276,6 +305,7 @@ async def main(settings: Settings) -> int:
         waiter.cancel()
         stopper.cancel()
         logger.info("shutting down")
+        await app.hand_over()
     except (OSError, ConfigurationError) as e:  # a bind failure, a bad kubeconfig: what and where, no traceback
         logger.error("svcproxy failed: %s", e)
         code = 1

@@ -77,6 +77,14 @@ def daemon_parser() -> argparse.ArgumentParser:
     p.add_argument("--dial-timeouts", type=_durations, default=Settings.dial_timeouts,
                    help="comma-separated connect timeouts, one per retry after a timeout "
                    "(default 250ms,500ms,1s,2s)")
+    p.add_argument("--handover-socket", default=Settings.handover_socket,
+                   help="where an old and a new svcproxy meet during a restart, so the old one serves until "
+                   "the new one has synced ('@name': abstract Unix socket; '': off; default %(default)s)")
+    p.add_argument("--handover-timeout", type=_duration, default=Settings.handover_timeout,
+                   help="on SIGTERM, how long to wait for a starting replacement to sync (default 60s)")
+    p.add_argument("--ready-file", type=Path,
+                   help="created after the first full sync, removed when stopping (for a readiness probe "
+                   "that only this instance answers)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove the service addresses svcproxy added, then exit (they stay on a normal exit)")
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log verbosity (klog style; 4+ = debug)")
@@ -105,6 +113,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         tcp_half_closed_timeout=args.tcp_half_closed_timeout,
         tcp_keepalive=args.tcp_keepalive,
         dial_timeouts=args.dial_timeouts,
+        handover_socket=args.handover_socket,
+        handover_timeout=args.handover_timeout,
+        ready_file=args.ready_file,
     ).validate()
 
 

@@ -52,6 +52,14 @@ class Settings:
     seconds; 0 = off (kube-proxy sets none)."""
     dial_timeouts: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
     """The connect-timeout ladder (the old userspace proxier's; also tcp.Limits' default)."""
+    handover_socket: str = "@svcproxy"
+    """Where a running instance and its replacement meet during a restart (proxy/handover.py):
+    ``@name`` is an abstract Unix socket, anything else a path; empty turns the handover off."""
+    handover_timeout: float = 60.0
+    """On SIGTERM, how long to keep serving while a replacement that has not synced yet is starting."""
+    ready_file: Path | None = None
+    """Created after the first full sync and removed when stopping: a readiness check that only this
+    instance answers (an HTTP probe may reach the other instance of a restart)."""
     tcp_half_closed_timeout: float = 3600.0
     """Close a TCP connection one side has ended once no byte has moved for this long (kube-proxy's
     conntrack CLOSE_WAIT timeout); 0 = never."""

@@ -11,7 +11,7 @@ import logging
 import socket
 from collections.abc import Callable
 
-from proxy.dataplane import tcp, udp
+from proxy.dataplane import reuseport, tcp, udp
 from proxy.dataplane.target import Target
 from proxy.plan import ListenerKey
 
@@ -30,6 +30,7 @@ def listening_socket(key: ListenerKey) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((key.ip, key.port))
         sock.listen(BACKLOG)
+        reuseport.steer_to_newest(sock)  # a restart's new instance takes every new connection
         sock.setblocking(False)
     except BaseException:
         sock.close()

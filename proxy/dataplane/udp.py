@@ -16,6 +16,7 @@ import socket
 from typing import cast
 
 from proxy.balancer import Pool
+from proxy.dataplane import reuseport
 from proxy.dataplane.target import Target
 from proxy.model import Endpoint
 
@@ -149,6 +150,7 @@ def bound_socket(ip: str, port: int) -> socket.socket:
         if ":" in ip:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((ip, port))
+        reuseport.steer_to_newest(sock)  # a restart's new instance takes every new datagram
         sock.setblocking(False)
     except BaseException:
         sock.close()

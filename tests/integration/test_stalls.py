@@ -11,8 +11,8 @@ import yaml
 
 from tests.integration.harness import ask, endpoint_slice, eventually, running_proxy, servers, service
 
-VIP, BIG_VIP = "127.0.0.150", "127.0.0.151"
-BACKEND = "127.0.0.152"
+VIP, BIG_VIP = "127.0.0.170", "127.0.0.171"
+BACKEND = "127.0.0.172"
 PORT = 18150
 
 
