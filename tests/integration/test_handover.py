@@ -60,14 +60,15 @@ async def backend() -> AsyncIterator[None]:
 
 
 class Proxy:
-    """One svcproxy process on the manifests in ``directory``."""
+    """One svcproxy process, on the manifests in ``tmp/manifests`` unless ``source`` says otherwise."""
 
-    def __init__(self, tmp: Path, name: str, handover: str, *extra: str) -> None:
+    def __init__(self, tmp: Path, name: str, handover: str, *extra: str, source: tuple[str, ...] = ()) -> None:
         self.ready = tmp / f"{name}.ready"
         self.log = tmp / f"{name}.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "--manifests", str(tmp / "manifests"), "--hostname-override", "node-a",
+                [sys.executable, "-m", "proxy", *(source or ("--manifests", str(tmp / "manifests"))),
+                 "--hostname-override", "node-a",
                  "--healthz-bind-address", f"127.0.0.1:{free_port()}", "--metrics-bind-address", "",
                  "--vip-interface", "lo", "--nodeport-addresses", "127.0.0.1/32", "--handover-socket", handover,
                  "--ready-file", str(self.ready), "--drain-timeout", "5s", *extra],
@@ -192,7 +193,7 @@ async def test_a_new_instance_that_cannot_sync_is_not_ready_and_the_old_keeps_se
             load = Load()
             load.start()
             # The same node, but its API server unreachable: it never syncs.
-            stuck = Proxy(tmp, "stuck", name, "--manifests", "", "--master", f"http://127.0.0.1:{free_port()}")
+            stuck = Proxy(tmp, "stuck", name, source=("--master", f"http://127.0.0.1:{free_port()}"))
             await asyncio.sleep(4)
             assert stuck.proc.poll() is None and not stuck.ready.exists()
             started = time.monotonic()
