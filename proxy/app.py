@@ -15,13 +15,15 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
-from proxy import convert, gcpolicy, health, metrics, table
+from proxy import convert, gcpolicy, health, metrics, sdnotify, table
 from proxy.control import ControlThread
 from proxy.dataplane import tcp
 from proxy.dataplane.guard import VipGuard
@@ -64,6 +66,7 @@ class App:
         self.watchdog: LoopWatchdog | None = None
         self._freezer = gcpolicy.FreezeSlowCollections()
         self.handover: Handover | None = None
+        self._respawning = False
         self._web: list[web.AppRunner] = []
         self._collector: metrics.TrackerCollector | None = None
         self._outlier_collector: metrics.OutlierCollector | None = None
@@ -109,13 +112,49 @@ class App:
                 logger.error("cannot write --ready-file %s: %s", ready, e.strerror or e)
         if self.handover is not None:
             await self.handover.synced()
+        listeners = len(self.proxier.listeners.open) if self.proxier is not None else 0
+        sdnotify.notify("READY=1", f"STATUS=serving {listeners} listeners")
+
+    async def respawn(self, stop: asyncio.Event) -> None:
+        """SIGUSR2 (``systemctl reload``): start a fresh svcproxy with the same arguments (the new
+        code, after an upgrade), hand the node over to it once it has synced, then stop."""
+        if self.handover is None or not self.handover.owner:
+            logger.error("cannot restart in place: it needs --handover-socket, and this instance to own it")
+            return
+        if self._respawning:
+            return
+        self._respawning = True
+        try:
+            child = subprocess.Popen([sys.executable, "-m", "proxy", *sys.argv[1:]])
+            logger.info("restarting in place: started svcproxy pid %d; serving until it has synced", child.pid)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.settings.handover_timeout
+            while not self.handover.successor_synced:
+                if child.poll() is not None:
+                    logger.error("restart in place: the new svcproxy exited (%d) before it synced; "
+                                 "carrying on", child.returncode)
+                    return
+                if loop.time() >= deadline:
+                    logger.error("restart in place: the new svcproxy did not sync within %.0fs; stopping it "
+                                 "and carrying on", self.settings.handover_timeout)
+                    child.terminate()
+                    return
+                await self.handover.changed(1.0)
+            sdnotify.notify(f"MAINPID={child.pid}")
+            stop.set()
+        finally:
+            self._respawning = False
+
+    def _unready(self) -> None:
+        """Remove the ready file if it is ours (a restart in place shares its path)."""
+        ready = self.settings.ready_file
+        with contextlib.suppress(OSError):
+            if ready is not None and ready.read_text().strip() == str(os.getpid()):
+                ready.unlink()
 
     async def hand_over(self) -> None:
         """Before a stop on SIGTERM: not ready any more, and a replacement still syncing waited for."""
-        ready = self.settings.ready_file
-        if ready is not None:
-            with contextlib.suppress(FileNotFoundError):
-                ready.unlink()
+        self._unready()
         if self.handover is not None:
             await self.handover.wait_for_successor(self.settings.handover_timeout)
 
@@ -256,9 +295,7 @@ class App:
         self._freezer.remove()
         if self.handover is not None:
             await self.handover.close()
-        if self.settings.ready_file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.settings.ready_file.unlink()
+        self._unready()
         if self.proxier is not None:
             await self.proxier.shutdown(drain_seconds=self.settings.drain_timeout)
         for runner in self._web:
@@ -289,11 +326,20 @@ async def main(settings: Settings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # There is nothing to reload; a stray SIGHUP (a closed terminal, `systemctl reload`) must not
-    # kill the proxy without a drain.
+    # There is nothing to reload; a stray SIGHUP (a closed terminal) must not kill the proxy
+    # without a drain. SIGUSR2 restarts it in place (`systemctl reload`), handing over.
     loop.add_signal_handler(signal.SIGHUP, lambda: logger.warning(
-        "SIGHUP ignored: svcproxy has no configuration to reload (SIGTERM stops it, with a drain)"))
+        "SIGHUP ignored: svcproxy has no configuration to reload (SIGTERM stops it, with a drain; "
+        "SIGUSR2 restarts it in place)"))
     app = App(settings)
+    respawns: set[asyncio.Task[None]] = set()
+
+    def respawn() -> None:
+        task = loop.create_task(app.respawn(stop))
+        respawns.add(task)
+        task.add_done_callback(respawns.discard)
+
+    loop.add_signal_handler(signal.SIGUSR2, respawn)
     code = 0
     try:
         await app.start()
@@ -305,6 +351,7 @@ async def main(settings: Settings) -> int:
         waiter.cancel()
         stopper.cancel()
         logger.info("shutting down")
+        sdnotify.notify("STOPPING=1")
         await app.hand_over()
     except (OSError, ConfigurationError) as e:  # a bind failure, a bad kubeconfig: what and where, no traceback
         logger.error("svcproxy failed: %s", e)
@@ -314,6 +361,6 @@ async def main(settings: Settings) -> int:
         code = 1
     finally:
         await app.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             loop.remove_signal_handler(sig)
     return code

@@ -55,6 +55,16 @@ class Handover:
     def successors(self) -> int:
         return len(self._successors)
 
+    @property
+    def successor_synced(self) -> bool:
+        return any(self._successors.values())
+
+    async def changed(self, timeout: float) -> None:
+        """Until a successor comes, goes or syncs, or ``timeout`` passes."""
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
     async def start(self) -> None:
         """Own the name, or, if another instance does, register with it as its successor."""
         if await self._try_own():

@@ -47,11 +47,13 @@ def test_container_security(rendered: list[Obj]) -> None:
 
 
 def test_no_host_paths(rendered: list[Obj]) -> None:
-    """No hostPath at all (not /lib/modules either); the only writable place is an emptyDir /tmp."""
+    """No hostPath at all (not /lib/modules either); the only writable places are the pod's own
+    emptyDirs: /tmp, and /run/svcproxy for the ready file."""
     volumes = {v["name"]: v for v in pod_spec(rendered)["volumes"]}
     assert all("hostPath" not in v for v in volumes.values())
     mounts = daemonset_container(rendered)["volumeMounts"]
-    assert [(m["mountPath"], "emptyDir" in volumes[m["name"]]) for m in mounts] == [("/tmp", True)]
+    assert [(m["mountPath"], "emptyDir" in volumes[m["name"]]) for m in mounts] == [
+        ("/tmp", True), ("/run/svcproxy", True)]
 
 
 def test_node_proxy_placement(rendered: list[Obj]) -> None:
@@ -62,21 +64,33 @@ def test_node_proxy_placement(rendered: list[Obj]) -> None:
     assert spec["tolerations"] == [{"operator": "Exists"}]
     assert spec["priorityClassName"] == "system-node-critical"
     assert spec["serviceAccountName"] == "svcproxy"
+    # A restart surges: the new pod starts beside the old one, which stops once the new is Ready.
     strategy = only(rendered, "DaemonSet")["spec"]["updateStrategy"]
     assert strategy["type"] == "RollingUpdate"
-    assert strategy["rollingUpdate"]["maxUnavailable"] == 1
-    assert strategy["rollingUpdate"].get("maxSurge", 0) == 0
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0
+    assert strategy["rollingUpdate"]["maxSurge"] == 1
+    # and nothing makes two pods on one node impossible: a containerPort is a host port here
+    assert "ports" not in daemonset_container(rendered)
 
 
 def test_probes(rendered: list[Obj]) -> None:
     container = daemonset_container(rendered)
-    live, ready = container["livenessProbe"]["httpGet"], container["readinessProbe"]["httpGet"]
+    live = container["livenessProbe"]["httpGet"]
     assert (live["path"], live["port"]) == ("/livez", HEALTHZ_PORT)
-    assert (ready["path"], ready["port"]) == ("/healthz", HEALTHZ_PORT)
-    for probe in (live, ready):
-        assert "host" not in probe  # the pod IP, which is the node IP with hostNetwork
-    # and svcproxy serves them there, on every address
-    assert parsed_args(rendered).healthz_bind_address in (f"0.0.0.0:{HEALTHZ_PORT}", f":{HEALTHZ_PORT}")
+    assert "host" not in live  # the pod IP, which is the node IP with hostNetwork
+    # and svcproxy serves it there, on every address
+    args = parsed_args(rendered)
+    assert args.healthz_bind_address in (f"0.0.0.0:{HEALTHZ_PORT}", f":{HEALTHZ_PORT}")
+    # Readiness is this instance's own ready file (port 10256 may be the other instance's).
+    command = container["readinessProbe"]["exec"]["command"]
+    assert command[:2] == ["test", "-e"] and command[2] == str(args.ready_file)
+    assert str(args.ready_file).startswith("/run/svcproxy/")
+
+
+def test_termination_grace_covers_the_handover_and_the_drain(rendered: list[Obj]) -> None:
+    args = parsed_args(rendered)
+    grace = pod_spec(rendered)["terminationGracePeriodSeconds"]
+    assert grace >= args.handover_timeout + args.drain_timeout + 5, (grace, args.handover_timeout, args.drain_timeout)
 
 
 def test_resources_requested(rendered: list[Obj]) -> None:

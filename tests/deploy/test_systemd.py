@@ -84,10 +84,18 @@ def test_exec_start_parses() -> None:
     assert any(e.lstrip("-") == "/etc/svcproxy/svcproxy.env" for e in unit()["Service"]["EnvironmentFile"])
 
 
-def test_stop_timeout_covers_the_drain() -> None:
+def test_stop_timeout_covers_the_handover_and_the_drain() -> None:
     assert service("KillSignal") == "SIGTERM"
     timeout = cli._duration(service("TimeoutStopSec"))
-    assert timeout >= parsed().drain_timeout + 5
+    assert timeout >= parsed().handover_timeout + parsed().drain_timeout + 5
+
+
+def test_reload_restarts_in_place() -> None:
+    """`systemctl reload` sends SIGUSR2 (a restart that hands over), and systemd accepts the new
+    process's MAINPID= from it."""
+    assert service("ExecReload") == "/bin/kill -USR2 $MAINPID"
+    assert service("NotifyAccess") == "all"
+    assert parsed().handover_socket  # the handover is on
 
 
 def test_capabilities() -> None:

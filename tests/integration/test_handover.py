@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -95,6 +97,8 @@ class Load:
 
     def __init__(self) -> None:
         self.outcomes: Counter[str] = Counter()
+        self.failed_at: list[tuple[float, str]] = []
+        """(wall-clock time, kind) of each failure."""
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -108,11 +112,11 @@ class Load:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(VIP, TCP_PORT), 5)
                 answer = await asyncio.wait_for(reader.read(), 5)
                 writer.close()
-                self.outcomes["tcp ok" if answer == BACKEND.encode() else f"tcp answer {answer[:30]!r}"] += 1
+                self.count("tcp ok" if answer == BACKEND.encode() else f"tcp answer {answer[:30]!r}")
             except ConnectionRefusedError:
-                self.outcomes["tcp refused"] += 1
+                self.count("tcp refused")
             except (OSError, TimeoutError) as e:
-                self.outcomes[f"tcp {type(e).__name__}"] += 1
+                self.count(f"tcp {type(e).__name__}")
 
     async def _udp(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -127,11 +131,11 @@ class Load:
                 await loop.sock_sendall(sock, payload)
                 try:
                     data = await asyncio.wait_for(loop.sock_recv(sock, 100), 2)
-                    self.outcomes["udp ok" if data == payload else "udp wrong"] += 1
+                    self.count("udp ok" if data == payload else "udp wrong")
                 except TimeoutError:
-                    self.outcomes["udp lost"] += 1
+                    self.count("udp lost")
                 except OSError as e:  # ECONNREFUSED from an ICMP error: nothing listened
-                    self.outcomes[f"udp {type(e).__name__}"] += 1
+                    self.count(f"udp {type(e).__name__}")
                 await asyncio.sleep(0.002)
         finally:
             sock.close()
@@ -143,6 +147,11 @@ class Load:
 
     def failures(self) -> dict[str, int]:
         return {k: v for k, v in self.outcomes.items() if not k.endswith(" ok")}
+
+    def count(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        if not outcome.endswith(" ok"):
+            self.failed_at.append((time.time(), outcome))
 
 
 @pytest.fixture
@@ -198,18 +207,19 @@ async def test_a_new_instance_that_cannot_sync_is_not_ready_and_the_old_keeps_se
             assert stuck.proc.poll() is None and not stuck.ready.exists()
             started = time.monotonic()
             old.proc.send_signal(signal.SIGTERM)  # as if the rollout went ahead anyway
-            assert await old.exited() == 0
+            await eventually(lambda: "did not sync within 3s" in old.text(), timeout=10)
             waited = time.monotonic() - started
-            outcomes = await load.stop()
+            outcomes = await load.stop()  # everything up to the moment it gave up waiting
+            assert await old.exited() == 0
         finally:
             old.kill()
             if stuck is not None:
                 stuck.kill()
-    ok_before_exit = outcomes["tcp ok"]
-    assert ok_before_exit > 200, outcomes
-    assert "did not sync within 3s" in old.text(), old.text()[-2000:]
-    assert waited >= 2.5  # it kept serving while it waited
-    assert {k: v for k, v in load.failures().items() if not k.startswith(("tcp refused", "udp"))} == {}
+    assert waited >= 2.5  # it kept serving while it waited, every request answered until it gave up
+    gave_up = next(line for line in old.text().splitlines() if "did not sync within" in line)
+    gave_up_at = datetime.datetime.strptime(gave_up[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    assert [f for f in load.failed_at if f[0] < gave_up_at] == [], (gave_up, load.failed_at[:5])
+    assert outcomes["tcp ok"] > 200 and outcomes["udp ok"] > 50, outcomes
 
 
 async def test_the_old_instance_killed_mid_handover_leaves_the_new_one_serving(tmp: Path) -> None:
@@ -243,3 +253,52 @@ def _owned(name: str) -> bool:
         except OSError:
             return False
         return True
+
+
+async def test_sigusr2_restarts_in_place_and_tells_systemd_the_new_main_pid(tmp: Path) -> None:
+    """`systemctl reload` (SIGUSR2): a fresh svcproxy with the same arguments takes over under
+    load; systemd's notify socket hears READY=1, then MAINPID= of the new process, then STOPPING=1."""
+    name = handover_name()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp / "notify"))
+    notify.setblocking(False)
+    messages: list[str] = []
+
+    def drain() -> list[str]:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                messages.append(notify.recv(4096).decode())
+        return messages
+
+    os.environ["NOTIFY_SOCKET"] = str(tmp / "notify")
+    new_pid = 0
+    try:
+        async with backend():
+            old = Proxy(tmp, "old", name)
+            try:
+                await eventually(lambda: any(m.startswith("READY=1") for m in drain()), timeout=20)
+                load = Load()
+                load.start()
+                await asyncio.sleep(0.5)
+                old.proc.send_signal(signal.SIGUSR2)
+                assert await old.exited() == 0
+                pids = [int(line[8:]) for m in drain() for line in m.splitlines() if line.startswith("MAINPID=")]
+                assert len(pids) == 1 and pids[0] != old.proc.pid
+                new_pid = pids[0]
+                await asyncio.sleep(1.0)
+                outcomes = await load.stop()
+                assert old.ready.read_text().strip() == str(new_pid)  # the new one's, left in place
+            finally:
+                old.kill()
+                for pid in {new_pid, *map(int, re.findall(r"started svcproxy pid (\d+)", old.text()))} - {0}:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+        notify.close()
+    assert load.failures() == {}, outcomes
+    assert outcomes["tcp ok"] > 200 and outcomes["udp ok"] > 50, outcomes
+    order = [line.split("=")[0] for m in messages for line in m.splitlines() if line.split("=")[0] in
+             ("READY", "MAINPID", "STOPPING")]
+    assert order[:1] == ["READY"] and order[-2:] == ["MAINPID", "STOPPING"], messages
+    assert "restarting in place: started svcproxy pid" in old.text()
