@@ -31,8 +31,14 @@ fi
 extras="${1:-}"
 stamp=".venv/.installed${extras:+-$extras}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+  # Quiet unless it fails: then the whole pip log.
+  echo "setting up .venv (pip install${extras:+ with $extras})..."
+  if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+         .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"; } >.venv/setup.log 2>&1; then
+    cat .venv/setup.log >&2
+    echo "setup failed; the log above is also in .venv/setup.log" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"
