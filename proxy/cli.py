@@ -11,7 +11,7 @@ from pathlib import Path
 
 import uvloop
 
-from proxy import app
+from proxy import app, logs
 from proxy.settings import Settings, SettingsError
 
 
@@ -89,6 +89,8 @@ def daemon_parser() -> argparse.ArgumentParser:
                    help="remove the service addresses svcproxy added, then exit (they stay on a normal exit)")
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log verbosity (klog style; 4+ = debug)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level (overrides -v)")
+    p.add_argument("--logging-format", choices=logs.FORMATS, default="text",
+                   help="text, or json: one object per line (ts, level, logger, msg, err)")
     return p
 
 
@@ -119,10 +121,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     ).validate()
 
 
-def setup_logging(verbosity: int, level: str | None) -> None:
+def setup_logging(verbosity: int, level: str | None, fmt: str = "text") -> None:
     lvl = getattr(logging, level.upper()) if level else (logging.DEBUG if verbosity >= 4 else logging.INFO)
-    logging.basicConfig(level=lvl, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logs.setup(lvl, fmt)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return table.main(argv[1:])
     parser = daemon_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbosity, args.log_level)
+    setup_logging(args.verbosity, args.log_level, args.logging_format)
     try:
         settings = settings_from(args)
     except SettingsError as e:

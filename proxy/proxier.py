@@ -140,7 +140,13 @@ class Proxier:
         metrics.sync_duration.observe(elapsed)
         metrics.sync_last_timestamp.set_to_current_time()
         metrics.conflicts.set(self.table.conflicts)
-        logger.debug("sync done in %.1f ms", elapsed * 1000)
+        opened, closed = sum(len(p.open) for p in plans), sum(len(p.close) for p in plans)
+        pools = sum(len(p.pools) for p in plans)
+        if opened or closed or pools:
+            logger.info("sync: %d listeners opened, %d closed, %d endpoint sets changed, in %.1f ms (%d listening)",
+                        opened, closed, pools, elapsed * 1000, len(self.listeners.open))
+        else:
+            logger.debug("sync done in %.1f ms", elapsed * 1000)
 
     def _rotations(self, plans: list[Plan]) -> dict[PoolKey, Rotation | None]:
         """On the caller's loop: each changed pool's endpoints hashed and shuffled, None where

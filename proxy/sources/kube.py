@@ -380,7 +380,7 @@ async def relist(reflector: Reflector, settings: WatchSettings, on_response: Cal
             body = await _list_page(reflector, settings, on_response)
     if not list_rv:
         raise ValueError(f"{reflector.kind} list: no metadata.resourceVersion")
-    logger.debug("%s: listed %d objects at resourceVersion %s", reflector.kind, len(seen), list_rv)
+    logger.info("%s: listed %d objects at resourceVersion %s", reflector.kind, len(seen), list_rv)
     reflector.finish_list(seen, list_rv)
 
 

@@ -117,3 +117,14 @@ def test_busy_healthz_port_exits_with_a_clear_error(tmp_path: Path) -> None:
                      "--metrics-bind-address", "")
     assert result.returncode == 1
     assert f"--healthz-bind-address 127.0.0.1:{port}: Address already in use" in result.stderr
+
+
+def test_json_logging_is_one_object_per_line(tmp_path: Path) -> None:
+    import json
+
+    result = run("--kubeconfig", str(tmp_path / "missing"), "--metrics-bind-address", "",
+                 "--healthz-bind-address", "127.0.0.1:0", "--logging-format", "json")
+    assert result.returncode == 1
+    [line] = [json.loads(raw) for raw in result.stderr.strip().splitlines()]
+    assert line["level"] == "error" and line["logger"] == "proxy.app"
+    assert line["msg"].startswith("svcproxy failed: --kubeconfig:")
