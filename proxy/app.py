@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import convert, gcpolicy, health, metrics, sdnotify, table
+from proxy import config, convert, gcpolicy, health, metrics, sdnotify, table
 from proxy.control import ControlThread
 from proxy.dataplane import tcp
 from proxy.dataplane.guard import VipGuard
@@ -189,7 +189,7 @@ class App:
         metrics.REGISTRY.register(self._outlier_collector)
         if s.shared_http_address():
             # One socket for both, as asked: two sockets on one port would split the requests.
-            metrics_routes = [r for r in metrics.routes() if r.path != "/healthz"] + table.routes(self.proxier)
+            metrics_routes = [r for r in metrics.routes() if r.path != "/healthz"] + self._debug_routes()
             self.healthz_address = self.metrics_address = await self._serve_http(
                 s.healthz_bind_address, "--healthz-bind-address", health.routes(self.health) + metrics_routes)
         else:
@@ -197,7 +197,7 @@ class App:
                                                           health.routes(self.health))
         if s.metrics_bind_address and not s.shared_http_address():
             self.metrics_address = await self._serve_http(s.metrics_bind_address, "--metrics-bind-address",
-                                                          metrics.routes() + table.routes(self.proxier))
+                                                          metrics.routes() + self._debug_routes())
         if s.handover_socket:
             self.handover = Handover(s.handover_socket)
             await self.handover.start()
@@ -221,6 +221,16 @@ class App:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _debug_routes(self) -> list[web.RouteDef]:
+        """The routing table and the configuration in force, on the metrics address."""
+        assert self.proxier is not None
+        body = config.configz(self.settings)
+
+        async def configz(_: web.Request) -> web.Response:
+            return web.json_response(body)
+
+        return [*table.routes(self.proxier), web.get("/configz", configz)]
 
     def _last_queued_wall(self) -> float | None:
         queued = self.tracker.last_queued

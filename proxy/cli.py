@@ -11,7 +11,7 @@ from pathlib import Path
 
 import uvloop
 
-from proxy import app, logs
+from proxy import app, config, logs
 from proxy.settings import Settings, SettingsError
 
 
@@ -41,6 +41,11 @@ def daemon_parser() -> argparse.ArgumentParser:
         description="A userspace kube-proxy: forwards Service traffic to pods. "
         "Run 'svcproxy demo' for a local demonstration, 'svcproxy table' to see what a running one serves.",
     )
+    p.add_argument("--config", type=Path,
+                   help="a KubeProxyConfiguration file (kube-proxy's), optionally with a SvcproxyConfiguration "
+                   "document; only --hostname-override and the logging flags override it")
+    p.add_argument("--write-config-to", type=Path,
+                   help="write the configuration in force (both documents) to this file and exit")
     p.add_argument("--manifests", type=Path, help="read Services and EndpointSlices from this YAML file or directory")
     p.add_argument("--kubeconfig", help="kubeconfig file for the API server")
     p.add_argument("--master", help="API server address (overrides the kubeconfig)")
@@ -118,7 +123,28 @@ def settings_from(args: argparse.Namespace) -> Settings:
         handover_socket=args.handover_socket,
         handover_timeout=args.handover_timeout,
         ready_file=args.ready_file,
+        logging_format=args.logging_format,
+        verbosity=args.verbosity,
     ).validate()
+
+
+FILE_OVERRIDES = ("hostname_override", "verbosity", "logging_format", "log_level")
+"""Flags that override --config, as in kube-proxy; the others are ignored beside it."""
+NOT_SETTINGS = ("config", "write_config_to", "cleanup")
+
+
+def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Settings, list[str]]:
+    """The settings from the flags, or from --config and the flags that override it; and the
+    flags ignored because --config was given. Raises SettingsError."""
+    flags = settings_from(args)
+    if args.config is None:
+        return flags, []
+    given = [dest for dest, value in vars(args).items()
+             if dest not in NOT_SETTINGS and value != parser.get_default(dest)]
+    from_file = config.apply(Settings(), config.load(args.config))
+    overrides = {k: getattr(flags, k) for k in given if k in FILE_OVERRIDES and k != "log_level"}
+    ignored = ["--" + k.replace("_", "-") for k in given if k not in FILE_OVERRIDES]
+    return config.apply(from_file, overrides).validate(), ignored
 
 
 def setup_logging(verbosity: int, level: str | None, fmt: str = "text") -> None:
@@ -138,14 +164,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return table.main(argv[1:])
     parser = daemon_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbosity, args.log_level, args.logging_format)
     try:
-        settings = settings_from(args)
+        settings, ignored = resolve(parser, args)
     except SettingsError as e:
         # One line and exit code 1, as kube-proxy; argparse's own errors (an unknown flag, a value
         # of the wrong type) print the usage and exit 2.
         print(f"svcproxy: error: {e}", file=sys.stderr)
         return 1
+    setup_logging(settings.verbosity, args.log_level, settings.logging_format)
+    if ignored:
+        logging.getLogger("proxy.cli").warning(
+            "ignoring %s: --config is given, and only --hostname-override and the logging flags override it "
+            "(as in kube-proxy)", ", ".join(ignored))
+    if args.write_config_to is not None:
+        try:
+            args.write_config_to.write_text(config.dump(config.effective(settings)))
+        except OSError as e:
+            print(f"svcproxy: error: --write-config-to: {e.strerror or e}", file=sys.stderr)
+            return 1
+        return 0
     return uvloop.run(app.cleanup(settings) if args.cleanup else app.main(settings))
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 BURST = 5
 EVERY = 10.0
 FORMATS = ("text", "json")
+HANDLER = "svcproxy"
 
 
 class RateLimit(logging.Filter):
@@ -65,9 +66,16 @@ def setup(level: int, fmt: str = "text") -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else
                          logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s"))
     handler.addFilter(RateLimit())
+    handler.set_name(HANDLER)
     root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
+    remove()
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def remove() -> None:
+    """Take out the handler :func:`setup` added (others, such as a test runner's, stay)."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == HANDLER]:
+        root.removeHandler(old)

@@ -60,6 +60,10 @@ class Settings:
     ready_file: Path | None = None
     """Created after the first full sync and removed when stopping: a readiness check that only this
     instance answers (an HTTP probe may reach the other instance of a restart)."""
+    logging_format: str = "text"
+    """text, or json (one object per line)."""
+    verbosity: int = 0
+    """klog-style -v: 4 and up is debug."""
     tcp_half_closed_timeout: float = 3600.0
     """Close a TCP connection one side has ended once no byte has moved for this long (kube-proxy's
     conntrack CLOSE_WAIT timeout); 0 = never."""
@@ -99,6 +103,8 @@ class Settings:
             raise SettingsError("--tcp-keepalive must be 0 (off) or more")
         if not self.dial_timeouts or any(t <= 0 for t in self.dial_timeouts):
             raise SettingsError("--dial-timeouts must be one or more positive durations")
+        if self.logging_format not in ("text", "json"):
+            raise SettingsError(f"--logging-format: {self.logging_format!r} is neither text nor json")
         if self.udp_idle_timeout <= 0:
             raise SettingsError("--udp-idle-timeout must be positive")
         if self.sync_period <= 0:

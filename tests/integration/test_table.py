@@ -87,3 +87,18 @@ async def test_svcproxy_table_says_when_nothing_answers() -> None:
                                                    "127.0.0.1:9"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert out.stderr.startswith("svcproxy table: cannot read http://127.0.0.1:9/debug/services:"), out.stderr
+
+
+async def test_configz_shows_the_configuration_in_force(tmp_path: Path) -> None:
+    async with running_proxy(tmp_path, [], drain_timeout=3.0) as app:
+        assert app.metrics_address is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.metrics_address[1])
+        writer.write(b"GET /configz HTTP/1.0\r\nHost: x\r\n\r\n")
+        head, _, body = (await reader.read()).partition(b"\r\n\r\n")
+        writer.close()
+    assert head.startswith(b"HTTP/1.0 200"), head
+    configz = json.loads(body)
+    assert configz["kubeproxy.config.k8s.io"]["kind"] == "KubeProxyConfiguration"
+    assert configz["kubeproxy.config.k8s.io"]["hostnameOverride"] == "node-a"
+    assert configz["svcproxy.io"]["drainTimeout"] == "3s"
+    assert configz["svcproxy.io"]["manifests"] == str(tmp_path)
