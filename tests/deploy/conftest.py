@@ -106,6 +106,9 @@ def container_env(objs: list[Obj], container: Obj, node_name: str = "node-a") ->
             env[var["name"]] = var["value"]
         elif var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName":
             env[var["name"]] = node_name
+        elif "configMapKeyRef" in var.get("valueFrom", {}):
+            ref = var["valueFrom"]["configMapKeyRef"]
+            env[var["name"]] = config_data(objs, ref["name"])[ref["key"]]
         else:
             raise AssertionError(f"unexpected env source: {var}")
     return env

@@ -3,12 +3,14 @@ parsed by svcproxy's own CLI parser, so the manifests cannot drift from the flag
 
 from __future__ import annotations
 
-import argparse
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from proxy import cli
-from tests.deploy.conftest import Obj, container_env, daemonset_container, expand, only
+from proxy.settings import Settings
+from tests.deploy.conftest import Obj, config_data, container_env, daemonset_container, expand, only
 
 HEALTHZ_PORT = 10256
 
@@ -18,18 +20,28 @@ def pod_spec(objs: list[Obj]) -> Obj:
     return spec
 
 
-def parsed_args(objs: list[Obj]) -> argparse.Namespace:
-    """The container's args after the kubelet's $(VAR) expansion, through svcproxy's parser."""
+def parsed_args(objs: list[Obj]) -> Settings:
+    """The settings svcproxy resolves from the container's args (after the kubelet's $(VAR)
+    expansion) and the config.conf the ConfigMap mounts at /etc/svcproxy."""
     container = daemonset_container(objs)
     assert "command" not in container, "the image's ENTRYPOINT [svcproxy] is the command"
     env = container_env(objs, container)
     args = [expand(a, env) for a in container["args"]]
-    try:
-        ns = cli.daemon_parser().parse_args(args)
-    except SystemExit:
-        pytest.fail(f"svcproxy rejects the DaemonSet's args: {args}")
-    cli.settings_from(ns)  # the same validation the daemon does at start
-    return ns
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
+    (volume,) = [v for v in pod_spec(objs)["volumes"] if v["name"] == "config"]
+    conf = config_data(objs, volume["configMap"]["name"])["config.conf"]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp, "config.conf")
+        local.write_text(conf)
+        args = [a.replace(f"{mount['mountPath']}/config.conf", str(local)) for a in args]
+        parser = cli.daemon_parser()
+        try:
+            ns = parser.parse_args(args)
+        except SystemExit:
+            pytest.fail(f"svcproxy rejects the DaemonSet's args: {args}")
+        settings, ignored = cli.resolve(parser, ns)  # the same validation the daemon does at start
+    assert not ignored, f"flags ignored beside --config: {ignored}"
+    return settings
 
 
 def test_container_security(rendered: list[Obj]) -> None:
@@ -53,7 +65,8 @@ def test_no_host_paths(rendered: list[Obj]) -> None:
     assert all("hostPath" not in v for v in volumes.values())
     mounts = daemonset_container(rendered)["volumeMounts"]
     assert [(m["mountPath"], "emptyDir" in volumes[m["name"]]) for m in mounts] == [
-        ("/tmp", True), ("/run/svcproxy", True)]
+        ("/tmp", True), ("/run/svcproxy", True), ("/etc/svcproxy", False)]
+    assert volumes["config"]["configMap"]["name"].startswith("svcproxy-config")
 
 
 def test_node_proxy_placement(rendered: list[Obj]) -> None:

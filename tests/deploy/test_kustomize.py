@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
+from proxy import config
+from proxy.settings import Settings
 from tests.deploy.conftest import (
     BASE,
     DEPLOY,
     KIND,
     KUSTOMIZATIONS,
+    Obj,
     config_data,
+    container_env,
     daemonset_container,
     load_yaml_docs,
     only,
@@ -76,10 +82,16 @@ def test_deploy_is_the_base() -> None:
     assert render(DEPLOY) == render(BASE)
 
 
+def config_map_of(objs: list[Obj]) -> Mapping[str, str]:
+    """The data of the ConfigMap the DaemonSet mounts its config.conf from."""
+    (volume,) = [v for v in only(objs, "DaemonSet")["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
+    return config_data(objs, volume["configMap"]["name"])
+
+
 def test_base_leaves_the_api_server_to_the_overlay() -> None:
     objs = render(BASE)
-    data = config_data(objs, daemonset_container(objs)["envFrom"][0]["configMapRef"]["name"])
-    assert data["SVCPROXY_APISERVER"] == ""
+    assert config_map_of(objs)["SVCPROXY_APISERVER"] == ""
+    assert container_env(objs, daemonset_container(objs))["SVCPROXY_APISERVER"] == ""
 
 
 def test_kind_cluster_config() -> None:
@@ -95,13 +107,22 @@ def test_kind_overlay() -> None:
     container = daemonset_container(objs)
     assert container["image"] == "svcproxy:dev"
     assert container["imagePullPolicy"] == "Never"
-    data = config_data(objs, container["envFrom"][0]["configMapRef"]["name"])
+    data = config_map_of(objs)
     (cluster,) = load_yaml_docs(KIND / "cluster.yaml")
-    url = urlsplit(data["SVCPROXY_APISERVER"])
+    url = urlsplit(container_env(objs, container)["SVCPROXY_APISERVER"])
     assert (url.scheme, url.hostname, url.port) == ("https", f"{cluster['name']}-control-plane", 6443)
+    # kind's pod CIDR and debug logs, in its own config.conf
+    settings = config.apply(Settings(), config.load(_written(data["config.conf"])))
+    assert settings.cluster_cidr == ("10.244.0.0/16",) and settings.verbosity == 4
     # everything else comes from the base unchanged
     base = daemonset_container(render(BASE))
-    assert {k: v for k, v in container.items() if k not in ("image", "imagePullPolicy", "envFrom")} == {
-        k: v for k, v in base.items() if k not in ("image", "imagePullPolicy", "envFrom")
+    assert {k: v for k, v in container.items() if k not in ("image", "imagePullPolicy", "env")} == {
+        k: v for k, v in base.items() if k not in ("image", "imagePullPolicy", "env")
     }
     assert only(objs, "ClusterRole") == only(render(BASE), "ClusterRole")
+
+
+def _written(text: str) -> Path:
+    path = Path(tempfile.mkdtemp()) / "config.conf"
+    path.write_text(text)
+    return path
