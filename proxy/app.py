@@ -176,7 +176,7 @@ class App:
         self.proxier = Proxier(
             loop=loop, tracker=self.tracker, vips=vips, health=self.health,
             node_name=s.node_name, nodeport_cidrs=s.nodeport_addresses, cluster_cidrs=s.cluster_cidr,
-            udp_idle_timeout=s.udp_idle_timeout,
+            udp_idle_timeout=s.udp_idle_timeout, endpoint_drain_timeout=s.endpoint_drain_timeout,
             limits=tcp.Limits(max_connections=s.connection_limit(),
                               max_connections_per_service=s.max_connections_per_service,
                               idle_timeout=s.tcp_idle_timeout, half_closed_timeout=s.tcp_half_closed_timeout,

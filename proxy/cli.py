@@ -82,6 +82,9 @@ def daemon_parser() -> argparse.ArgumentParser:
     p.add_argument("--dial-timeouts", type=_durations, default=Settings.dial_timeouts,
                    help="comma-separated connect timeouts, one per retry after a timeout "
                    "(default 250ms,500ms,1s,2s)")
+    p.add_argument("--endpoint-drain-timeout", type=_duration, default=0.0,
+                   help="reset connections to an endpoint that left (deleted, not ready, terminating) after "
+                   "this long (default 0: never, as kube-proxy)")
     p.add_argument("--handover-socket", default=Settings.handover_socket,
                    help="where an old and a new svcproxy meet during a restart, so the old one serves until "
                    "the new one has synced ('@name': abstract Unix socket; '': off; default %(default)s)")
@@ -120,6 +123,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         tcp_half_closed_timeout=args.tcp_half_closed_timeout,
         tcp_keepalive=args.tcp_keepalive,
         dial_timeouts=args.dial_timeouts,
+        endpoint_drain_timeout=args.endpoint_drain_timeout,
         handover_socket=args.handover_socket,
         handover_timeout=args.handover_timeout,
         ready_file=args.ready_file,

@@ -59,6 +59,12 @@ connections_refused = Counter(
     ["service", "reason"],
     registry=REGISTRY,
 )
+endpoint_drained = Counter(
+    "svcproxy_endpoint_drained_connections",
+    "TCP connections reset because their endpoint left (deleted, not ready or terminating) more than "
+    "--endpoint-drain-timeout ago",
+    registry=REGISTRY,
+)
 loop_lag = Histogram(
     "svcproxy_loop_lag_seconds",
     "How late the data plane's timers ran (sampled every 50 ms): time forwarding stood still",

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from proxy import metrics
 from proxy.balancer import Pool, Rotation, rotation
-from proxy.dataplane import tcp
+from proxy.dataplane import drain, tcp
 from proxy.dataplane.guard import VipGuard
 from proxy.dataplane.healthcheck import ServiceHealthServers
 from proxy.dataplane.listeners import Listeners
@@ -71,6 +71,7 @@ class Proxier:
         nodeport_cidrs: Sequence[str] = (),
         cluster_cidrs: Sequence[str] = (),
         udp_idle_timeout: float = 30.0,
+        endpoint_drain_timeout: float = 0.0,
         limits: tcp.Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -87,6 +88,8 @@ class Proxier:
         self.connections = tcp.Connections(
             limits, on_refused=lambda service, reason: metrics.connections_refused.labels(service, reason).inc())
         self.listeners = Listeners(loop, self.connections, udp_idle_timeout=udp_idle_timeout)
+        self.drain = drain.EndpointDrain(self.connections, endpoint_drain_timeout, loop=loop,
+                                         on_drained=metrics.endpoint_drained.inc)
         self.pools: dict[PoolKey, Pool] = {}
         self.table = Table(Node(node_name, ()))
         self._cluster_cidrs = tuple(cluster_cidrs)
@@ -171,6 +174,7 @@ class Proxier:
                 pool.expire_affinity()
                 await turn.pause()
         metrics.listeners_failed.set(len(self._failed))
+        self.drain.check()
         if self.outliers.ejections:  # forget endpoints that left every pool
             current = {(ep.ip, ep.port) for pool in self.pools.values() for ep in pool.endpoints}
             self.outliers.forget(current.__contains__)
@@ -219,7 +223,9 @@ class Proxier:
             except OSError as e:
                 logger.error("%s: cannot serve its health check on %s: %s", service, hkey, e.strerror or e)
         for dropped in plan.drop_pools:
-            self.pools.pop(dropped, None)
+            gone = self.pools.pop(dropped, None)
+            if gone is not None and self.drain.timeout > 0:
+                drain.retire(gone)
         if plan.remove_vips:
             await self.vips.sync(self.table.vips)
         if plan.add_vips or plan.remove_vips or plan.open or plan.close:
@@ -270,6 +276,7 @@ class Proxier:
         """
         self.listeners.close_all()
         self.serving.clear()
+        self.drain.close()
         await self.health_servers.close_all()
         if self.connections.live:
             logger.info("draining %d connections for up to %.0fs", len(self.connections.live), drain_seconds)

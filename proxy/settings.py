@@ -60,6 +60,9 @@ class Settings:
     ready_file: Path | None = None
     """Created after the first full sync and removed when stopping: a readiness check that only this
     instance answers (an HTTP probe may reach the other instance of a restart)."""
+    endpoint_drain_timeout: float = 0.0
+    """Connections to an endpoint that left its pool (deleted, not ready, terminating) are reset
+    after this long; 0 = never (kube-proxy leaves established connections alone)."""
     logging_format: str = "text"
     """text, or json (one object per line)."""
     verbosity: int = 0
@@ -99,6 +102,8 @@ class Settings:
                               ("--tcp-half-closed-timeout", self.tcp_half_closed_timeout)):
             if seconds < 0:
                 raise SettingsError(f"{flag} must be 0 (never) or more")
+        if self.endpoint_drain_timeout < 0:
+            raise SettingsError("--endpoint-drain-timeout must be 0 (off) or more")
         if self.tcp_keepalive < 0:
             raise SettingsError("--tcp-keepalive must be 0 (off) or more")
         if not self.dial_timeouts or any(t <= 0 for t in self.dial_timeouts):

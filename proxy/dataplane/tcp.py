@@ -416,6 +416,20 @@ class Client(_Side):
         if self._dial is not None:
             self._dial.cancel()
 
+    def reset(self) -> None:
+        """Cut both legs with a reset: a connection closed for the proxy's reasons must not look
+        like one that ended cleanly."""
+        for side in (self, self.backend):
+            if side is not None and side.transport is not None:
+                _reset(side.transport)
+        if self._dial is not None:
+            self._dial.cancel()
+
+    def pools(self) -> tuple[Pool, ...]:
+        """The pools this connection's endpoint may belong to (eTP Local frontends have two)."""
+        target = self._target
+        return (target.pool,) if target.local_traffic_pool is None else (target.pool, target.local_traffic_pool)
+
 
 def client_factory(
     target: Target, registry: Connections, loop: asyncio.AbstractEventLoop
