@@ -49,40 +49,42 @@ def daemon_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifests", type=Path, help="read Services and EndpointSlices from this YAML file or directory")
     p.add_argument("--kubeconfig", help="kubeconfig file for the API server")
     p.add_argument("--master", help="API server address (overrides the kubeconfig)")
-    p.add_argument("--hostname-override", default="", help="this node's name (default: the hostname)")
-    p.add_argument("--nodeport-addresses", type=_cidrs, default=(),
+    p.add_argument("--hostname-override", default=Settings.hostname_override,
+                   help="this node's name (default: the hostname)")
+    p.add_argument("--nodeport-addresses", type=_cidrs, default=Settings.nodeport_addresses,
                    help="comma-separated CIDRs of node addresses nodePorts bind on (default: every node address)")
-    p.add_argument("--cluster-cidr", type=_cidrs, default=(),
+    p.add_argument("--cluster-cidr", type=_cidrs, default=Settings.cluster_cidr,
                    help="comma-separated pod CIDRs: their traffic to externalTrafficPolicy: Local services "
                    "uses all endpoints, as kube-proxy's detect-local")
-    p.add_argument("--healthz-bind-address", default="0.0.0.0:10256", help="host:port of /healthz and /livez")
-    p.add_argument("--metrics-bind-address", default="127.0.0.1:10249",
+    p.add_argument("--healthz-bind-address", default=Settings.healthz_bind_address,
+                   help="host:port of /healthz and /livez")
+    p.add_argument("--metrics-bind-address", default=Settings.metrics_bind_address,
                    help="host:port of /metrics; empty disables it")
-    p.add_argument("--vip-interface", default="svcproxy0",
+    p.add_argument("--vip-interface", default=Settings.vip_interface,
                    help="interface service addresses are added to (a dummy, created if missing; lo as a fallback)")
-    p.add_argument("--sync-period", type=_duration, default=30.0, help="periodic resync (default 30s)")
-    p.add_argument("--min-sync-period", type=_duration, default=0.0,
+    p.add_argument("--sync-period", type=_duration, default=Settings.sync_period, help="periodic resync (default 30s)")
+    p.add_argument("--min-sync-period", type=_duration, default=Settings.min_sync_period,
                    help="least time between syncs (default 0: apply each change at once)")
-    p.add_argument("--udp-idle-timeout", type=_duration, default=30.0,
+    p.add_argument("--udp-idle-timeout", type=_duration, default=Settings.udp_idle_timeout,
                    help="close a UDP flow after this long without a datagram (default 30s)")
-    p.add_argument("--drain-timeout", type=_duration, default=10.0,
+    p.add_argument("--drain-timeout", type=_duration, default=Settings.drain_timeout,
                    help="on SIGTERM, how long live connections may finish (default 10s)")
-    p.add_argument("--max-connections", type=int, default=-1,
+    p.add_argument("--max-connections", type=int, default=Settings.max_connections,
                    help="proxied TCP connections in total, excess reset at once (default: from the open-file "
                    "limit, two descriptors each; 0: no limit)")
-    p.add_argument("--max-connections-per-service", type=int, default=0,
+    p.add_argument("--max-connections-per-service", type=int, default=Settings.max_connections_per_service,
                    help="proxied TCP connections per service port (default 0: no limit)")
-    p.add_argument("--tcp-idle-timeout", type=_duration, default=0.0,
+    p.add_argument("--tcp-idle-timeout", type=_duration, default=Settings.tcp_idle_timeout,
                    help="close TCP connections idle this long (default 0: never, as kube-proxy)")
-    p.add_argument("--tcp-half-closed-timeout", type=_duration, default=3600.0,
+    p.add_argument("--tcp-half-closed-timeout", type=_duration, default=Settings.tcp_half_closed_timeout,
                    help="close a half-closed TCP connection quiet this long (default 1h, kube-proxy's "
                    "conntrack CLOSE_WAIT; 0: never)")
-    p.add_argument("--tcp-keepalive", type=_duration, default=0.0,
+    p.add_argument("--tcp-keepalive", type=_duration, default=Settings.tcp_keepalive,
                    help="TCP keepalive on both legs, first probe after this idle time (default 0: off)")
     p.add_argument("--dial-timeouts", type=_durations, default=Settings.dial_timeouts,
                    help="comma-separated connect timeouts, one per retry after a timeout "
                    "(default 250ms,500ms,1s,2s)")
-    p.add_argument("--endpoint-drain-timeout", type=_duration, default=0.0,
+    p.add_argument("--endpoint-drain-timeout", type=_duration, default=Settings.endpoint_drain_timeout,
                    help="reset connections to an endpoint that left (deleted, not ready, terminating) after "
                    "this long (default 0: never, as kube-proxy)")
     p.add_argument("--handover-socket", default=Settings.handover_socket,
@@ -95,9 +97,10 @@ def daemon_parser() -> argparse.ArgumentParser:
                    "that only this instance answers)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove the service addresses svcproxy added, then exit (they stay on a normal exit)")
-    p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log verbosity (klog style; 4+ = debug)")
+    p.add_argument("-v", "--v", dest="verbosity", type=int, default=Settings.verbosity,
+                   help="log verbosity (klog style; 4+ = debug)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level (overrides -v)")
-    p.add_argument("--logging-format", choices=logs.FORMATS, default="text",
+    p.add_argument("--logging-format", choices=logs.FORMATS, default=Settings.logging_format,
                    help="text, or json: one object per line (ts, level, logger, msg, err)")
     return p
 

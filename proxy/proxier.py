@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from proxy import metrics
 from proxy.balancer import Pool, Rotation, rotation
-from proxy.dataplane import drain, tcp
+from proxy.dataplane import drain, tcp, udp
 from proxy.dataplane.guard import VipGuard
 from proxy.dataplane.healthcheck import ServiceHealthServers
 from proxy.dataplane.listeners import Listeners
@@ -70,7 +70,7 @@ class Proxier:
         node_name: str,
         nodeport_cidrs: Sequence[str] = (),
         cluster_cidrs: Sequence[str] = (),
-        udp_idle_timeout: float = 30.0,
+        udp_idle_timeout: float = udp.DEFAULT_IDLE_TIMEOUT,
         endpoint_drain_timeout: float = 0.0,
         limits: tcp.Limits | None = None,
         clock: Callable[[], float] = time.monotonic,

@@ -9,6 +9,8 @@ import socket
 import urllib.parse
 from pathlib import Path
 
+from proxy.dataplane import udp, vip
+
 
 class SettingsError(ValueError):
     """A bad flag or config value; the message names it."""
@@ -30,13 +32,13 @@ class Settings:
     healthz_bind_address: str = "0.0.0.0:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
     """Empty disables the metrics server (kube-proxy's convention)."""
-    vip_interface: str = "svcproxy0"
+    vip_interface: str = vip.DEFAULT_INTERFACE
     sync_period: float = 30.0
     """Periodic resync; the health timeout is twice this (kube-proxy's rule)."""
     min_sync_period: float = 0.0
     """svcproxy syncs incrementally, so by default a change is applied at once (kube-proxy: 1 s)."""
     manifest_poll_interval: float = 0.5
-    udp_idle_timeout: float = 30.0
+    udp_idle_timeout: float = udp.DEFAULT_IDLE_TIMEOUT
     """A UDP flow with no datagram either way for this long is closed (conntrack's UDP default)."""
     drain_timeout: float = 10.0
     """Seconds SIGTERM lets live connections finish before they are closed."""
