@@ -18,10 +18,20 @@ class SettingsError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    """Every setting, grouped by topic; flags (cli.py) and --config (config.py) take their
+    defaults from here. Keyword construction only: the order is for reading."""
+
+    # -- where Services and EndpointSlices come from ----------------------------------------
     manifests: Path | None = None
     """Read Services/EndpointSlices from these files instead of the API server."""
+    manifest_poll_interval: float = 0.5
+    """Seconds between checks of the manifest files for changes."""
     kubeconfig: str | None = None
+    """The API server's kubeconfig; none: in-cluster (with $SVCPROXY_APISERVER), as kube-proxy."""
     master: str | None = None
+    """The API server's URL; overrides the kubeconfig's server (kube-proxy's --master)."""
+
+    # -- this node ---------------------------------------------------------------------------
     hostname_override: str = ""
     """The node name for local endpoints; default: this host's name (as kube-proxy)."""
     nodeport_addresses: tuple[str, ...] = ()
@@ -29,31 +39,50 @@ class Settings:
     cluster_cidr: tuple[str, ...] = ()
     """The pods' CIDRs: their traffic to an externalTrafficPolicy: Local frontend counts as local
     (uses Cluster endpoints), as kube-proxy's detect-local does. This node's own traffic always does."""
-    healthz_bind_address: str = "0.0.0.0:10256"
-    metrics_bind_address: str = "127.0.0.1:10249"
-    """Empty disables the metrics server (kube-proxy's convention)."""
     vip_interface: str = vip.DEFAULT_INTERFACE
+    """Where service addresses that are not the node's own go (a dummy link, created if missing)."""
+
+    # -- syncing -----------------------------------------------------------------------------
     sync_period: float = 30.0
     """Periodic resync; the health timeout is twice this (kube-proxy's rule)."""
     min_sync_period: float = 0.0
     """svcproxy syncs incrementally, so by default a change is applied at once (kube-proxy: 1 s)."""
-    manifest_poll_interval: float = 0.5
-    udp_idle_timeout: float = udp.DEFAULT_IDLE_TIMEOUT
-    """A UDP flow with no datagram either way for this long is closed (conntrack's UDP default)."""
-    drain_timeout: float = 10.0
-    """Seconds SIGTERM lets live connections finish before they are closed."""
+
+    # -- health, metrics, logs -----------------------------------------------------------------
+    healthz_bind_address: str = "0.0.0.0:10256"
+    """host:port of /healthz and /livez (kube-proxy's)."""
+    metrics_bind_address: str = "127.0.0.1:10249"
+    """host:port of /metrics, /configz, /debug/services; empty disables it (kube-proxy's convention)."""
+    logging_format: str = "text"
+    """text, or json (one object per line)."""
+    verbosity: int = 0
+    """klog-style -v: 4 and up is debug."""
+
+    # -- connections ---------------------------------------------------------------------------
     max_connections: int = -1
     """Proxied TCP connections in total; -1 = from RLIMIT_NOFILE (two descriptors each, a quarter
     of the limit, between 48 and 512, kept for listeners and the rest); 0 = no limit."""
     max_connections_per_service: int = 0
     """Per service port; 0 = no limit."""
-    tcp_idle_timeout: float = 0.0
-    """Close TCP connections with no byte either way for this long; 0 = never (as kube-proxy)."""
+    dial_timeouts: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    """The connect-timeout ladder (the old userspace proxier's; also tcp.Limits' default)."""
     tcp_keepalive: float = 0.0
     """TCP keepalive on both legs of every proxied connection: first probe after this many idle
     seconds; 0 = off (kube-proxy sets none)."""
-    dial_timeouts: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
-    """The connect-timeout ladder (the old userspace proxier's; also tcp.Limits' default)."""
+    tcp_idle_timeout: float = 0.0
+    """Close TCP connections with no byte either way for this long; 0 = never (as kube-proxy)."""
+    tcp_half_closed_timeout: float = 3600.0
+    """Close a TCP connection one side has ended once no byte has moved for this long (kube-proxy's
+    conntrack CLOSE_WAIT timeout); 0 = never."""
+    udp_idle_timeout: float = udp.DEFAULT_IDLE_TIMEOUT
+    """A UDP flow with no datagram either way for this long is closed (conntrack's UDP default)."""
+    endpoint_drain_timeout: float = 0.0
+    """Connections to an endpoint that left its pool (deleted, not ready, terminating) are reset
+    after this long; 0 = never (kube-proxy leaves established connections alone)."""
+
+    # -- stopping and restarting -------------------------------------------------------------
+    drain_timeout: float = 10.0
+    """Seconds SIGTERM lets live connections finish before they are closed."""
     handover_socket: str = "@svcproxy"
     """Where a running instance and its replacement meet during a restart (proxy/handover.py):
     ``@name`` is an abstract Unix socket, anything else a path; empty turns the handover off."""
@@ -62,16 +91,6 @@ class Settings:
     ready_file: Path | None = None
     """Created after the first full sync and removed when stopping: a readiness check that only this
     instance answers (an HTTP probe may reach the other instance of a restart)."""
-    endpoint_drain_timeout: float = 0.0
-    """Connections to an endpoint that left its pool (deleted, not ready, terminating) are reset
-    after this long; 0 = never (kube-proxy leaves established connections alone)."""
-    logging_format: str = "text"
-    """text, or json (one object per line)."""
-    verbosity: int = 0
-    """klog-style -v: 4 and up is debug."""
-    tcp_half_closed_timeout: float = 3600.0
-    """Close a TCP connection one side has ended once no byte has moved for this long (kube-proxy's
-    conntrack CLOSE_WAIT timeout); 0 = never."""
 
     def connection_limit(self) -> int:
         if self.max_connections >= 0:
