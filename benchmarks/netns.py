@@ -7,9 +7,10 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 PREFIX = "svcbench-"
 
@@ -142,3 +143,44 @@ def inner_is_isolated(workdir: Path) -> bool:
         return True
     print("refusing to run: not in a private network namespace with only lo", file=sys.stderr)
     return False
+
+
+def run_and_report(name: str, argv: list[str], *, timeout: float, out: Path,
+                   report: Callable[[dict[str, Any], dict[str, str]], str]) -> dict[str, Any] | None:
+    """The outer half of ``python -m benchmarks.NAME``: run the inner half in a throwaway namespace
+    (:func:`run_inside`), then write ``report(raw, meta)`` and its data under ``out`` as
+    ``<date>-NAME.md`` (cp_report.save) and print it. Returns the raw results, None when the inner
+    run failed (the tail of its svcproxy log is printed). ``NAME_KEEP=1`` keeps the work directory."""
+    import datetime as dt
+    import json
+    import os
+    import shlex
+    import shutil
+    import sys
+    import tempfile
+
+    from . import cp_report
+
+    repo = Path(__file__).resolve().parent.parent
+    workdir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-{name}-"))
+    try:
+        rc = run_inside(f"benchmarks.{name}", argv, workdir, timeout=timeout)
+        if rc or not (workdir / "raw.json").exists():
+            logs = sorted(workdir.glob("svcproxy*.log"), key=lambda p: p.stat().st_mtime)
+            print(f"[{name}] inner run failed ({rc}); svcproxy log:\n{logs[-1].read_text()[-3000:] if logs else ''}",
+                  file=sys.stderr)
+            return None
+        raw: dict[str, Any] = json.loads((workdir / "raw.json").read_text())
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
+        meta = {"date": dt.date.today().isoformat(), "svcproxy": head.stdout.strip() or "?",
+                "nproc": str(os.cpu_count()), "command": shlex.join(["python", "-m", f"benchmarks.{name}", *argv])}
+        text = report(raw, meta)
+        md = cp_report.save(out, f"{meta['date']}-{name}.md", text, meta, raw)
+        print(text)
+        print(f"[{name}] wrote {md}")
+        return raw
+    finally:
+        if os.environ.get(f"{name.upper()}_KEEP"):
+            print(f"[{name}] kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -30,11 +30,8 @@ import datetime as dt
 import json
 import os
 import random
-import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,7 +41,7 @@ import yaml
 
 from testbed.fakeapi.server import FakeApiServer
 
-from . import cp_net, cp_report, netns
+from . import cp_net, netns
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results"
@@ -417,29 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("run as root: the soak creates a network namespace", file=sys.stderr)
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix=f"{netns.PREFIX}{os.getpid()}-soak-"))
-    try:
-        rc = netns.run_inside("benchmarks.soak", argv, workdir, timeout=args.duration + 120)
-        if rc or not (workdir / "raw.json").exists():
-            print(f"[soak] inner run failed ({rc}); svcproxy log:\n"
-                  f"{(workdir / 'svcproxy.log').read_text()[-3000:] if (workdir / 'svcproxy.log').exists() else ''}",
-                  file=sys.stderr)
-            return rc or 1
-        raw = json.loads((workdir / "raw.json").read_text())
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        meta = {"date": dt.date.today().isoformat(), "svcproxy": head.stdout.strip() or "?",
-                "nproc": str(os.cpu_count()), "command": shlex.join(["python", "-m", "benchmarks.soak", *argv])}
-        report = markdown(raw, meta)
-        md = cp_report.save(args.out, f"{meta['date']}-soak.md", report, meta, raw)
-        print(report)
-        print(f"[soak] wrote {md}")
-        return 0 if not raw["failures"] else 1
-    finally:
-        if os.environ.get("SOAK_KEEP"):
-            print(f"[soak] kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-
+    raw = netns.run_and_report("soak", argv, timeout=args.duration + 120, out=args.out, report=markdown)
+    return 1 if raw is None or raw["failures"] else 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,14 +30,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import os
-import shlex
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -302,28 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("run as root: the benchmark creates a network namespace", file=sys.stderr)
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix=f"{netns.PREFIX}{os.getpid()}-stall-"))
-    try:
-        rc = netns.run_inside("benchmarks.stall", argv, workdir, timeout=600)
-        if rc or not (workdir / "raw.json").exists():
-            logs = sorted(workdir.glob("svcproxy-*.log"))
-            print(f"[stall] inner run failed ({rc}); {logs[-1].read_text()[-3000:] if logs else ''}", file=sys.stderr)
-            return rc or 1
-        raw = json.loads((workdir / "raw.json").read_text())
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        meta = {"date": dt.date.today().isoformat(), "svcproxy": head.stdout.strip() or "?",
-                "nproc": str(os.cpu_count()), "command": shlex.join(["python", "-m", "benchmarks.stall", *argv])}
-        report = markdown(raw, meta)
-        md = cp_report.save(args.out, f"{meta['date']}-stall.md", report, meta, raw)
-        print(report)
-        print(f"[stall] wrote {md}")
-        return 0
-    finally:
-        if not os.environ.get("STALL_KEEP"):
-            import shutil
-
-            shutil.rmtree(workdir, ignore_errors=True)
-
+    raw = netns.run_and_report("stall", argv, timeout=600, out=args.out, report=markdown)
+    return 0 if raw is not None else 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -78,10 +78,6 @@ class ControlThread:
         future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self.data_loop)
         return await asyncio.wrap_future(future)
 
-    def call_data(self, fn: Callable[[], None]) -> None:
-        """From the control loop: call ``fn`` on the data loop soon (fire and forget)."""
-        self.data_loop.call_soon_threadsafe(fn)
-
     async def stop(self) -> None:
         """From the data loop: cancel the root coroutine, let it clean up, join the thread."""
         loop, task, thread = self._loop, self._task, self._thread

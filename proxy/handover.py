@@ -52,10 +52,6 @@ class Handover:
         return self._server is not None
 
     @property
-    def successors(self) -> int:
-        return len(self._successors)
-
-    @property
     def successor_synced(self) -> bool:
         return any(self._successors.values())
 

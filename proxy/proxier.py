@@ -78,7 +78,6 @@ class Proxier:
         self.tracker = tracker
         self.vips = vips
         self.health = health
-        self._node_name = node_name
         self.node_name = node_name
         self.node_zone = ""
         """This node's topology.kubernetes.io/zone label (from its Node object), for zone hints."""
@@ -133,7 +132,7 @@ class Proxier:
         run = on_data or _here
         start = self._clock()
         plans = []
-        node = Node(self._node_name, await run(self.nodeport_addresses()), self.node_zone)
+        node = Node(self.node_name, await run(self.nodeport_addresses()), self.node_zone)
         if node != self.table.node:
             plans.append(self.table.set_node(node))
         plans.append(self.table.update(self.tracker.checkout()))

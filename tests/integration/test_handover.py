@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ class Proxy:
                  "--vip-interface", "lo", "--nodeport-addresses", "127.0.0.1/32", "--handover-socket", handover,
                  "--ready-file", str(self.ready), "--drain-timeout", "5s", *extra],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        Proxy.started.append(self)
 
     def text(self) -> str:
         return self.log.read_text()
@@ -86,10 +87,25 @@ class Proxy:
         await eventually(lambda: self.proc.poll() is not None, timeout=timeout)
         return self.proc.returncode
 
+    started: list[Proxy] = []
+    """Every instance a test started; the autouse fixture below kills what is left."""
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        # and the copies it started for a restart in place (SIGUSR2), which outlive it
+        for pid in map(int, re.findall(r"started svcproxy pid (\d+)", self.text())):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftovers() -> Iterator[None]:
+    yield
+    for proxy in Proxy.started:
+        proxy.kill()
+    Proxy.started.clear()
 
 
 class Load:
@@ -169,23 +185,17 @@ async def test_restart_with_identical_flags_loses_nothing(tmp: Path) -> None:
     name = handover_name()
     async with backend():
         old = Proxy(tmp, "old", name)
-        new: Proxy | None = None
-        try:
-            await old.wait_ready()
-            load = Load()
-            load.start()
-            await asyncio.sleep(1.0)
-            new = Proxy(tmp, "new", name)
-            await new.wait_ready()
-            await asyncio.sleep(0.5)
-            old.proc.send_signal(signal.SIGTERM)
-            assert await old.exited() == 0
-            await asyncio.sleep(1.0)
-            outcomes = await load.stop()
-        finally:
-            old.kill()
-            if new is not None:
-                new.kill()
+        await old.wait_ready()
+        load = Load()
+        load.start()
+        await asyncio.sleep(1.0)
+        new = Proxy(tmp, "new", name)
+        await new.wait_ready()
+        await asyncio.sleep(0.5)
+        old.proc.send_signal(signal.SIGTERM)
+        assert await old.exited() == 0
+        await asyncio.sleep(1.0)
+        outcomes = await load.stop()
     assert load.failures() == {}, (outcomes, old.text()[-2000:])
     assert outcomes["tcp ok"] > 200 and outcomes["udp ok"] > 100, outcomes
     assert "the new svcproxy has synced" in old.text()
@@ -196,25 +206,19 @@ async def test_a_new_instance_that_cannot_sync_is_not_ready_and_the_old_keeps_se
     name = handover_name()
     async with backend():
         old = Proxy(tmp, "old", name, "--handover-timeout", "3s")
-        stuck: Proxy | None = None
-        try:
-            await old.wait_ready()
-            load = Load()
-            load.start()
-            # The same node, but its API server unreachable: it never syncs.
-            stuck = Proxy(tmp, "stuck", name, source=("--master", f"http://127.0.0.1:{free_port()}"))
-            await asyncio.sleep(4)
-            assert stuck.proc.poll() is None and not stuck.ready.exists()
-            started = time.monotonic()
-            old.proc.send_signal(signal.SIGTERM)  # as if the rollout went ahead anyway
-            await eventually(lambda: "did not sync within 3s" in old.text(), timeout=10)
-            waited = time.monotonic() - started
-            outcomes = await load.stop()  # everything up to the moment it gave up waiting
-            assert await old.exited() == 0
-        finally:
-            old.kill()
-            if stuck is not None:
-                stuck.kill()
+        await old.wait_ready()
+        load = Load()
+        load.start()
+        # The same node, but its API server unreachable: it never syncs.
+        stuck = Proxy(tmp, "stuck", name, source=("--master", f"http://127.0.0.1:{free_port()}"))
+        await asyncio.sleep(4)
+        assert stuck.proc.poll() is None and not stuck.ready.exists()
+        started = time.monotonic()
+        old.proc.send_signal(signal.SIGTERM)  # as if the rollout went ahead anyway
+        await eventually(lambda: "did not sync within 3s" in old.text(), timeout=10)
+        waited = time.monotonic() - started
+        outcomes = await load.stop()  # everything up to the moment it gave up waiting
+        assert await old.exited() == 0
     assert waited >= 2.5  # it kept serving while it waited, every request answered until it gave up
     gave_up = next(line for line in old.text().splitlines() if "did not sync within" in line)
     gave_up_at = datetime.datetime.strptime(gave_up[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
@@ -226,23 +230,17 @@ async def test_the_old_instance_killed_mid_handover_leaves_the_new_one_serving(t
     name = handover_name()
     async with backend():
         old = Proxy(tmp, "old", name)
-        new: Proxy | None = None
-        try:
-            await old.wait_ready()
-            new = Proxy(tmp, "new", name)
-            await eventually(lambda: "a new svcproxy (pid" in old.text(), timeout=20)
-            old.proc.send_signal(signal.SIGKILL)
-            await new.wait_ready()
-            load = Load()
-            load.start()
-            await asyncio.sleep(1.0)
-            outcomes = await load.stop()
-            # and the new one owns the name now: a third instance registers with it
-            await eventually(lambda: "took over" in new.text() or _owned(name), timeout=5)
-        finally:
-            old.kill()
-            if new is not None:
-                new.kill()
+        await old.wait_ready()
+        new = Proxy(tmp, "new", name)
+        await eventually(lambda: "a new svcproxy (pid" in old.text(), timeout=20)
+        old.proc.send_signal(signal.SIGKILL)
+        await new.wait_ready()
+        load = Load()
+        load.start()
+        await asyncio.sleep(1.0)
+        outcomes = await load.stop()
+        # and the new one owns the name now, ready for the next restart
+        await eventually(lambda: _owned(name), timeout=5)
     assert load.failures() == {} and outcomes["tcp ok"] > 50, outcomes
 
 
@@ -271,28 +269,21 @@ async def test_sigusr2_restarts_in_place_and_tells_systemd_the_new_main_pid(tmp:
         return messages
 
     os.environ["NOTIFY_SOCKET"] = str(tmp / "notify")
-    new_pid = 0
     try:
         async with backend():
-            old = Proxy(tmp, "old", name)
-            try:
-                await eventually(lambda: any(m.startswith("READY=1") for m in drain()), timeout=20)
-                load = Load()
-                load.start()
-                await asyncio.sleep(0.5)
-                old.proc.send_signal(signal.SIGUSR2)
-                assert await old.exited() == 0
-                pids = [int(line[8:]) for m in drain() for line in m.splitlines() if line.startswith("MAINPID=")]
-                assert len(pids) == 1 and pids[0] != old.proc.pid
-                new_pid = pids[0]
-                await asyncio.sleep(1.0)
-                outcomes = await load.stop()
-                assert old.ready.read_text().strip() == str(new_pid)  # the new one's, left in place
-            finally:
-                old.kill()
-                for pid in {new_pid, *map(int, re.findall(r"started svcproxy pid (\d+)", old.text()))} - {0}:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+            old = Proxy(tmp, "old", name)  # the copy it starts is killed with it (Proxy.kill)
+            await eventually(lambda: any(m.startswith("READY=1") for m in drain()), timeout=20)
+            load = Load()
+            load.start()
+            await asyncio.sleep(0.5)
+            old.proc.send_signal(signal.SIGUSR2)
+            assert await old.exited() == 0
+            pids = [int(line[8:]) for m in drain() for line in m.splitlines() if line.startswith("MAINPID=")]
+            assert len(pids) == 1 and pids[0] != old.proc.pid
+            assert f"started svcproxy pid {pids[0]}" in old.text()
+            await asyncio.sleep(1.0)
+            outcomes = await load.stop()
+            assert old.ready.read_text().strip() == str(pids[0])  # the new one's, left in place
     finally:
         del os.environ["NOTIFY_SOCKET"]
         notify.close()
