@@ -32,7 +32,17 @@ from typing import Any
 from . import backends, deps, netns, report
 from . import wrk as wrkmod
 from .procs import MachineCpu, Supervisor, tcp_counters
-from .targets import NEEDS, TARGETS, Target, TargetError, check_svcproxy, find_svcproxy, make
+from .targets import (
+    NEEDS,
+    TARGETS,
+    SvcproxyBase,
+    Target,
+    TargetError,
+    check_svcproxy,
+    export_revision,
+    find_svcproxy,
+    make,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results"
@@ -59,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pause", type=float, default=1.0, help="seconds of idle between runs, to let closing connections drain"
     )
     p.add_argument("--svcproxy-cmd", help="command that starts svcproxy (default: look for it)")
+    p.add_argument("--svcproxy-base", metavar="REV",
+                   help="also measure svcproxy as of this git revision (target svcproxy-base), side by side")
     p.add_argument(
         "--no-install",
         action="store_true",
@@ -71,12 +83,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = (
         SMOKE
         if args.smoke
-        else {"targets": ",".join(TARGETS), "workloads": ",".join(wrkmod.WORKLOADS), "duration": 10.0, "reps": 3}
+        else {
+            "targets": ",".join(t for t in TARGETS if t != SvcproxyBase.name),
+            "workloads": ",".join(wrkmod.WORKLOADS),
+            "duration": 10.0,
+            "reps": 3,
+        }
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.target_list = _names(p, args.targets, TARGETS)
+    if args.svcproxy_base and SvcproxyBase.name not in args.target_list:
+        args.target_list.append(SvcproxyBase.name)
+    elif SvcproxyBase.name in args.target_list and not args.svcproxy_base:
+        p.error(f"target {SvcproxyBase.name} needs --svcproxy-base REV")
     args.workload_list = _names(p, args.workloads, wrkmod.WORKLOADS)
     if args.duration <= 0 or args.duration > 600 or args.reps < 1 or args.reps > 100:
         p.error("--duration must be in (0, 600] and --reps in [1, 100]")
@@ -175,7 +196,7 @@ def start_targets(
     for name in plan["target_order"]:
         if info[name]["status"] != "ok":
             continue
-        target = make(name, sup, workdir, plan.get("svcproxy_cmd"))
+        target = make(name, sup, workdir, plan)
         try:
             target.start()
             # Prove it forwards to both backends before measuring anything.
@@ -277,6 +298,21 @@ def plan_targets(args: argparse.Namespace) -> tuple[dict[str, dict[str, str]], l
     return targets, svcproxy_argv
 
 
+def export_base(args: argparse.Namespace, targets: dict[str, dict[str, str]], workdir: Path) -> dict[str, Any]:
+    """``--svcproxy-base REV``: that revision's proxy package, run with this Python."""
+    info = targets.get(SvcproxyBase.name)
+    if info is None or info["status"] != "ok":
+        return {}
+    try:
+        cmd, env, short = export_revision(REPO, args.svcproxy_base, workdir / "base")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        info.update(status="failed", reason=f"cannot export {args.svcproxy_base}: {exc}")
+        return {}
+    info["label"] = f"svcproxy @ {short}"
+    print(f"[bench] svcproxy-base: {short} ({args.svcproxy_base})", flush=True)
+    return {"cmd": cmd, "env": env}
+
+
 def output_paths(out: Path, smoke: bool) -> tuple[Path, Path, Path]:
     if out.suffix == ".md":
         md = out
@@ -332,6 +368,7 @@ def outer(args: argparse.Namespace, argv: list[str]) -> int:
         "reps": args.reps,
         "pause": args.pause,
         "svcproxy_cmd": svcproxy_argv,
+        "svcproxy_base": export_base(args, targets, workdir),
         "host_netns": netns.current_id(),
     }
     plan_path = workdir / "plan.json"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from . import backends, netns
 from .backends import BACKENDS
@@ -248,15 +249,16 @@ class Svcproxy(Target):
     name, label = "svcproxy", "svcproxy"
     host, port = SVC_VIP, SVC_PORT
 
-    def __init__(self, sup: Supervisor, workdir: Path, command: list[str]) -> None:
+    def __init__(self, sup: Supervisor, workdir: Path, command: list[str], env: dict[str, str] | None = None) -> None:
         super().__init__(sup, workdir)
         self.command = command
+        self.env = env or {}
 
     def start(self) -> None:
         if not self.command:
-            raise TargetError("svcproxy command not set")
+            raise TargetError(f"{self.name} command not set")
         target_port = BACKENDS[0].svc[1]
-        manifests = self.workdir / "manifests"
+        manifests = self.workdir / f"manifests-{self.name}"
         manifests.mkdir(exist_ok=True)
         (manifests / "service.yaml").write_text(
             SERVICE_YAML.format(vip=self.host, port=self.port, target_port=target_port)
@@ -273,17 +275,44 @@ class Svcproxy(Target):
             "127.0.0.1:0",
             "--metrics-bind-address",
             "127.0.0.1:0",
+            # Two svcproxy targets run side by side: neither may take the other over.
+            "--handover-socket",
+            "",
         ]
-        self._start_daemon(argv, timeout=30, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self._start_daemon(argv, timeout=30, env=dict(os.environ, PYTHONUNBUFFERED="1", **self.env))
 
 
-TARGETS: dict[str, type[Target]] = {t.name: t for t in (Direct, HAProxy, NginxStream, Dnat, Svcproxy)}
+class SvcproxyBase(Svcproxy):
+    """svcproxy as of another git revision (``--svcproxy-base REV``), on its own address, measured
+    beside the working tree's: a change's cost, read from one run."""
+
+    name, label = "svcproxy-base", "svcproxy (base)"
+    host = "127.0.0.21"
 
 
-def make(name: str, sup: Supervisor, workdir: Path, svcproxy_cmd: list[str] | None) -> Target:
+TARGETS: dict[str, type[Target]] = {
+    t.name: t for t in (Direct, HAProxy, NginxStream, Dnat, Svcproxy, SvcproxyBase)}
+
+
+def make(name: str, sup: Supervisor, workdir: Path, plan: dict[str, Any]) -> Target:
     if name == Svcproxy.name:
-        return Svcproxy(sup, workdir, svcproxy_cmd or [])
+        return Svcproxy(sup, workdir, plan.get("svcproxy_cmd") or [])
+    if name == SvcproxyBase.name:
+        base = plan.get("svcproxy_base") or {}
+        return SvcproxyBase(sup, workdir, base.get("cmd") or [], base.get("env"))
     return TARGETS[name](sup, workdir)
+
+
+def export_revision(repo: Path, rev: str, dest: Path) -> tuple[list[str], dict[str, str], str]:
+    """The tree of ``rev`` in ``dest``, and how to run its svcproxy with this Python (its
+    dependencies are the working tree's): (argv, env, short commit)."""
+    short = subprocess.run(["git", "rev-parse", "--short", rev], cwd=repo, check=True, capture_output=True,
+                           text=True).stdout.strip()
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", rev, "proxy"], cwd=repo, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return [sys.executable, "-m", "proxy"], {"PYTHONPATH": str(dest)}, short
 
 
 # Tools each target needs beyond wrk + nginx (backends).

@@ -68,14 +68,13 @@ class App:
         self.handover: Handover | None = None
         self._respawning = False
         self._web: list[web.AppRunner] = []
-        self._collector: metrics.TrackerCollector | None = None
-        self._outlier_collector: metrics.OutlierCollector | None = None
+        self._collectors: list[metrics.Collector] = []
+        """Registered with metrics.REGISTRY while running (unregistered at stop: tests run many)."""
         self._node_error = ""
         self._bind_retry: asyncio.TimerHandle | None = None
         self.watch_stats = WatchStats()
         self.api: Any = None
         """The API server's client configuration, loaded before anything is bound."""
-        self._watch_collector: metrics.WatchCollector | None = None
 
     def _request_sync(self) -> None:
         self.runner.request()
@@ -182,11 +181,10 @@ class App:
                               idle_timeout=s.tcp_idle_timeout, half_closed_timeout=s.tcp_half_closed_timeout,
                               dial_timeouts=s.dial_timeouts, keepalive=s.tcp_keepalive),
         )
-        self._collector = metrics.TrackerCollector(self.tracker, self._last_queued_wall)
-        metrics.REGISTRY.register(self._collector)
         connections = self.proxier.connections
-        self._outlier_collector = metrics.OutlierCollector(self.proxier.outliers, lambda: len(connections.live))
-        metrics.REGISTRY.register(self._outlier_collector)
+        self._register(metrics.TrackerCollector(self.tracker, self._last_queued_wall),
+                       metrics.OutlierCollector(self.proxier.outliers, lambda: len(connections.live)),
+                       metrics.TrafficCollector(self.proxier.traffic, self.proxier.live))
         if s.shared_http_address():
             # One socket for both, as asked: two sockets on one port would split the requests.
             metrics_routes = [r for r in metrics.routes() if r.path != "/healthz"] + self._debug_routes()
@@ -245,8 +243,7 @@ class App:
         else:
             from proxy.sources import kube  # the API client is heavy; the embedded mode skips it
 
-            self._watch_collector = metrics.WatchCollector(self.watch_stats)
-            metrics.REGISTRY.register(self._watch_collector)
+            self._register(metrics.WatchCollector(self.watch_stats))
             await kube.run(self.tracker, node_name=s.node_name, on_node=self._on_node,
                            configuration=self.api, stats=self.watch_stats)
 
@@ -310,10 +307,14 @@ class App:
             await self.proxier.shutdown(drain_seconds=self.settings.drain_timeout)
         for runner in self._web:
             await runner.cleanup()
-        for collector in (self._collector, self._watch_collector, self._outlier_collector):
-            if collector is not None:
-                metrics.REGISTRY.unregister(collector)
-        self._collector = self._watch_collector = self._outlier_collector = None
+        for collector in self._collectors:
+            metrics.REGISTRY.unregister(collector)
+        self._collectors.clear()
+
+    def _register(self, *collectors: metrics.Collector) -> None:
+        for collector in collectors:
+            metrics.REGISTRY.register(collector)
+            self._collectors.append(collector)
 
 
 async def cleanup(settings: Settings) -> int:

@@ -5,8 +5,9 @@ Pure modules never import this; the proxier, health handlers and app record into
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter as CounterType
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from aiohttp import web
@@ -20,8 +21,11 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from proxy.dataplane.traffic import CONNECT_BUCKETS, Counts, Live, Traffic
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
@@ -52,13 +56,6 @@ listeners_failed = Gauge(
     "Service addresses and ports that cannot be bound now (e.g. taken by another process); retried every second",
     registry=REGISTRY,
 )
-connections_refused = Counter(
-    "svcproxy_connections_refused",
-    "TCP connections reset at once because --max-connections (reason total) or "
-    "--max-connections-per-service (reason service) was reached",
-    ["service", "reason"],
-    registry=REGISTRY,
-)
 endpoint_drained = Counter(
     "svcproxy_endpoint_drained_connections",
     "TCP connections reset because their endpoint left (deleted, not ready or terminating) more than "
@@ -78,7 +75,8 @@ livez_total = Counter(
     "kubeproxy_proxy_livez", "Cumulative proxy livez HTTP status", ["code"], registry=REGISTRY
 )
 
-__all__ = ["REGISTRY", "Counter", "OutlierCollector", "TrackerCollector", "WatchCollector", "routes"]
+__all__ = ["REGISTRY", "Collector", "Counter", "OutlierCollector", "TrackerCollector", "TrafficCollector",
+           "WatchCollector", "routes"]
 
 
 class ChangeCounts(Protocol):
@@ -180,6 +178,99 @@ class OutlierCollector(Collector):
         for ip, port, left in self._outliers.ejected_now():
             now.add_metric([f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"], left)
         yield now
+
+
+SERVICE_LABELS = ("namespace", "service", "port_name", "protocol")
+_LE = [*(floatToGoString(b) for b in CONNECT_BUCKETS), "+Inf"]  # "1.0", as prometheus-client's own
+_SERVICE_FAMILIES = (
+    # (kind, name, help, extra labels)
+    ("counter", "svcproxy_service_connections", "Connections admitted (UDP: flows opened)", ()),
+    ("gauge", "svcproxy_service_connections_active", "Connections (UDP: flows) open now", ()),
+    ("counter", "svcproxy_service_bytes",
+     "Bytes received from clients (direction from_client) and from endpoints (from_endpoint)", ("direction",)),
+    ("counter", "svcproxy_service_datagrams", "UDP datagrams received from clients and from endpoints",
+     ("direction",)),
+    ("counter", "svcproxy_service_connect_retries", "Dials to another endpoint after a failed one", ()),
+    ("counter", "svcproxy_connections_refused",
+     "Connections reset or closed without reaching an endpoint (UDP: datagrams that could open no flow), by "
+     "reason: no_endpoints, source_ranges, max_connections, max_connections_per_service, endpoints_failed "
+     "(every dial failed), local_resource (this node ran out of descriptors, memory or ports)", ("reason",)),
+    ("counter", "svcproxy_endpoint_connections", "Connections (UDP: flows) made to each endpoint", ("endpoint",)),
+    ("gauge", "svcproxy_endpoint_connections_active", "Connections (UDP: flows) open now to each endpoint",
+     ("endpoint",)),
+    ("counter", "svcproxy_endpoint_bytes",
+     "Bytes received from clients (direction from_client) and from the endpoint (from_endpoint)",
+     ("endpoint", "direction")),
+    ("counter", "svcproxy_endpoint_datagrams", "UDP datagrams received from clients and from the endpoint",
+     ("endpoint", "direction")),
+    ("counter", "svcproxy_endpoint_connect_errors",
+     "Failed dials to each endpoint, by reason: refused, timeout, reset, unreachable, other", ("endpoint", "reason")),
+)
+
+
+class TrafficCollector(Collector):
+    """Traffic per service port and per endpoint (svcproxy's own; kube-proxy cannot count it).
+
+    Ended connections are counted in :class:`Traffic`; what open ones have moved so far is added
+    at each scrape (``live``), so bytes rise while a long connection runs. For UDP a connection
+    is a flow (one client address and port). Service ports appear with their first connection or
+    refusal: a node with 10,000 idle Services exports nothing for them."""
+
+    def __init__(self, traffic: Traffic, live: Callable[[], Iterable[Live]]) -> None:
+        self._traffic = traffic
+        self._live = live
+
+    def collect(self) -> Iterator[Metric]:
+        running: dict[int, list[int]] = {}
+        for svc, ep, *moved in self._live():
+            for counts in (svc, ep):
+                if counts is not None:
+                    acc = running.setdefault(id(counts), [0, 0, 0, 0])
+                    for i, n in enumerate(moved):
+                        acc[i] += n
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            name: (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                name, doc, labels=[*SERVICE_LABELS, *extra])
+            for kind, name, doc, extra in _SERVICE_FAMILIES}
+        connect = HistogramMetricFamily(
+            "svcproxy_service_connect_duration_seconds",
+            "From accepting a TCP connection to its endpoint connection being made, retries included",
+            labels=list(SERVICE_LABELS))
+
+        def add(name: str, labels: list[str], value: float) -> None:
+            families[name].add_metric(labels, value)
+
+        def traffic(prefix: str, labels: list[str], c: Counts, udp: bool) -> None:
+            b_in, b_out, d_in, d_out = running.get(id(c), (0, 0, 0, 0))
+            add(f"{prefix}_connections", labels, c.opened)
+            add(f"{prefix}_connections_active", labels, c.active)
+            add(f"{prefix}_bytes", [*labels, "from_client"], c.bytes_in + b_in)
+            add(f"{prefix}_bytes", [*labels, "from_endpoint"], c.bytes_out + b_out)
+            if udp:
+                add(f"{prefix}_datagrams", [*labels, "from_client"], c.datagrams_in + d_in)
+                add(f"{prefix}_datagrams", [*labels, "from_endpoint"], c.datagrams_out + d_out)
+
+        for svc in self._traffic.services.values():
+            if not (svc.opened or svc.refused):
+                continue
+            name = svc.name
+            labels = [name.namespace, name.name, name.port, name.protocol]
+            udp = name.protocol == "UDP"
+            traffic("svcproxy_service", labels, svc, udp)
+            for reason, n in sorted(svc.refused.items()):
+                add("svcproxy_connections_refused", [*labels, reason], n)
+            if not udp:
+                add("svcproxy_service_connect_retries", labels, svc.retries)
+                cumulative = list(itertools.accumulate(svc.connect_buckets))
+                connect.add_metric(labels, list(zip(_LE, cumulative, strict=True)), svc.connect_sum)
+            for (ip, port), ep in svc.endpoints.items():
+                ep_labels = [*labels, f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"]
+                for reason, n in sorted(ep.errors.items()):
+                    add("svcproxy_endpoint_connect_errors", [*ep_labels, reason], n)
+                if ep.opened:  # else only failed dials so far
+                    traffic("svcproxy_endpoint", ep_labels, ep, udp)
+        yield from families.values()
+        yield connect
 
 
 def routes() -> list[web.RouteDef]:

@@ -6,7 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from proxy import metrics
@@ -16,8 +16,10 @@ from proxy.dataplane.guard import VipGuard
 from proxy.dataplane.healthcheck import ServiceHealthServers
 from proxy.dataplane.listeners import Listeners
 from proxy.dataplane.target import LocalSources, Target
+from proxy.dataplane.traffic import Address, Live, Traffic
 from proxy.dataplane.vip import Vips
 from proxy.health import ProxierHealth
+from proxy.model import Family, Policy, ServicePortName
 from proxy.outliers import Outliers
 from proxy.plan import ListenerKey, ListenerSpec, Node, Plan, PoolKey, Table
 from proxy.tracker import ChangeTracker
@@ -84,8 +86,8 @@ class Proxier:
         self._nodeport_cidrs = [ipaddress.ip_network(c, strict=False) for c in nodeport_cidrs]
         self._clock = clock
         self.outliers = Outliers(clock=clock)
-        self.connections = tcp.Connections(
-            limits, on_refused=lambda service, reason: metrics.connections_refused.labels(service, reason).inc())
+        self.connections = tcp.Connections(limits)
+        self.traffic = Traffic()
         self.listeners = Listeners(loop, self.connections, udp_idle_timeout=udp_idle_timeout)
         self.drain = drain.EndpointDrain(self.connections, endpoint_drain_timeout, loop=loop,
                                          on_drained=metrics.endpoint_drained.inc)
@@ -177,6 +179,30 @@ class Proxier:
         if self.outliers.ejections:  # forget endpoints that left every pool
             current = {(ep.ip, ep.port) for pool in self.pools.values() for ep in pool.endpoints}
             self.outliers.forget(current.__contains__)
+        # Traffic counts of the service ports these plans changed: drop what left.
+        for name in {key.name for plan in plans for key in (*plan.pools, *plan.drop_pools)}:
+            if name in self.traffic.services:
+                self.traffic.prune(name, self._endpoints_of(name))
+
+    def _endpoints_of(self, name: ServicePortName) -> set[Address] | None:
+        """Every endpoint in any pool of the service port; None when it has no pool left."""
+        pools = [pool for family in Family for policy in Policy
+                 if (pool := self.pools.get(PoolKey(name, family, policy))) is not None]
+        if not pools:
+            return None
+        return {(ep.ip, ep.port) for pool in pools for ep in pool.endpoints}
+
+    def live(self) -> Iterator[Live]:
+        """What open TCP connections and UDP flows have counted so far (for the traffic metrics)."""
+        for conn in self.connections.live:
+            if conn.traffic is not None:
+                backend = conn.backend
+                yield conn.traffic, conn.endpoint_traffic, conn.nbytes, backend.nbytes if backend else 0, 0, 0
+        for listener in self.listeners.open.values():
+            if listener.udp is not None:
+                for flow in listener.udp.flows.values():
+                    yield (flow.traffic, flow.endpoint_traffic, flow.bytes_in, flow.bytes_out, flow.datagrams_in,
+                           flow.datagrams_out)
 
     async def _apply(self, plan: Plan, prepared: dict[PoolKey, Rotation | None], turn: Turn) -> None:
         if not plan:
@@ -201,6 +227,7 @@ class Proxier:
                 continue
             listener.target.pool = self.pools[spec.pool]
             listener.target.local_traffic_pool = self._local_traffic_pool(spec)
+            listener.target.traffic = self.traffic.service(spec.pool.name)
             listener.target.name = str(spec.pool.name)
             listener.target.set_source_ranges(spec.source_ranges)
             self.serving[spec.key] = spec
@@ -239,7 +266,7 @@ class Proxier:
                 self._unsupported_logged.add(key.protocol)
                 logger.warning("%s service ports are not supported; not serving %s", key.protocol, key)
             return
-        target = Target(str(spec.pool.name), self.pools[spec.pool], spec.source_ranges,
+        target = Target(self.traffic.service(spec.pool.name), self.pools[spec.pool], spec.source_ranges,
                         local_traffic_pool=self._local_traffic_pool(spec), local_sources=self.local_sources)
         try:
             await self.listeners.open_listener(key, target)

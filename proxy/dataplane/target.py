@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from proxy.balancer import Pool
+from proxy.dataplane.traffic import ServiceTraffic
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -32,11 +33,13 @@ class LocalSources:
 class Target:
     """What a listener forwards to. Mutated in place on retarget; accepts read it per connection."""
 
-    __slots__ = ("allowed", "local_sources", "local_traffic_pool", "name", "pool")
+    __slots__ = ("allowed", "local_sources", "local_traffic_pool", "name", "pool", "traffic")
 
-    def __init__(self, name: str, pool: Pool, source_ranges: tuple[str, ...] | None = None, *,
+    def __init__(self, traffic: ServiceTraffic, pool: Pool, source_ranges: tuple[str, ...] | None = None, *,
                  local_traffic_pool: Pool | None = None, local_sources: LocalSources | None = None) -> None:
-        self.name = name
+        self.traffic = traffic
+        """The service port's traffic counts, which every frontend of it shares."""
+        self.name = str(traffic.name)
         self.pool = pool
         self.local_traffic_pool = local_traffic_pool
         """For externalTrafficPolicy: Local frontends: the Cluster pool local traffic uses."""

@@ -24,11 +24,13 @@ import errno
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import cast
 
 from proxy.balancer import Pool
 from proxy.dataplane.target import Target
+from proxy.dataplane.traffic import EndpointTraffic, ServiceTraffic
 from proxy.model import Endpoint
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,9 @@ logger = logging.getLogger(__name__)
 DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
 LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
 """Dial errors that are this node's shortage (descriptors, memory, ephemeral ports), not the endpoint's."""
+_ERROR_REASONS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout", errno.ECONNRESET: "reset",
+                  errno.EHOSTUNREACH: "unreachable", errno.ENETUNREACH: "unreachable"}
+"""How a failed dial is counted (``svcproxy_endpoint_connect_errors_total``); anything else is "other"."""
 _LINGER_RESET = struct.pack("ii", 1, 0)
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
@@ -66,11 +71,10 @@ class Limits:
 class Connections:
     """Live connections: counted against the limits, swept for timeouts, drained at shutdown."""
 
-    def __init__(self, limits: Limits | None = None, on_refused: Callable[[str, str], None] | None = None) -> None:
+    def __init__(self, limits: Limits | None = None) -> None:
         self.live: set[Client] = set()
         self.limits = limits or Limits()
         self.per_service: collections.Counter[str] = collections.Counter()
-        self._on_refused = on_refused
         self._idle = asyncio.Event()
         self._idle.set()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -80,12 +84,11 @@ class Connections:
         lim, name = self.limits, conn.service
         reason = ""
         if lim.max_connections and len(self.live) >= lim.max_connections:
-            reason = "total"
+            reason = "max_connections"
         elif lim.max_connections_per_service and self.per_service[name] >= lim.max_connections_per_service:
-            reason = "service"
+            reason = "max_connections_per_service"
         if reason:
-            if self._on_refused is not None:
-                self._on_refused(name, reason)
+            conn.target.traffic.refuse(reason)
             return False
         self.live.add(conn)
         if lim.max_connections_per_service:  # counted only when limited: no work per connection otherwise
@@ -161,7 +164,7 @@ def _keepalive(t: asyncio.Transport, idle: float) -> None:
 class _Side(asyncio.Protocol):
     """One socket of a proxied connection; ``peer`` is the side its bytes go to."""
 
-    __slots__ = ("conn", "eof", "peer", "spoke", "transport")
+    __slots__ = ("conn", "eof", "nbytes", "peer", "spoke", "transport")
 
     def __init__(self, conn: Client) -> None:
         self.conn = conn
@@ -170,12 +173,15 @@ class _Side(asyncio.Protocol):
         self.eof = False
         self.spoke = False
         """Sent anything (a byte or an EOF): a backend that did cannot be swapped for another."""
+        self.nbytes = 0
+        """Bytes received from this side (the traffic metrics add them up when the connection ends)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.conn.active = self.spoke = True
+        self.nbytes += len(data)
         peer = self.peer
         if peer is not None and peer.transport is not None:
             peer.transport.write(data)
@@ -205,12 +211,12 @@ class _Side(asyncio.Protocol):
 class Client(_Side):
     """The accepted client socket; owns the connection's lifecycle."""
 
-    __slots__ = ("_dial", "_early", "_loop", "_registry", "_target", "_timed_out", "active", "backend", "endpoint",
-                 "quiet")
+    __slots__ = ("_dial", "_early", "_loop", "_registry", "_timed_out", "accepted", "active", "backend", "endpoint",
+                 "endpoint_traffic", "quiet", "target", "traffic")
 
     def __init__(self, target: Target, registry: Connections, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(self)
-        self._target = target
+        self.target = target
         self._registry = registry
         self._loop = loop
         self._dial: asyncio.Task[None] | None = None
@@ -223,35 +229,48 @@ class Client(_Side):
         """Set by every chunk either way; cleared by the registry's sweep."""
         self.quiet = 0.0
         """Seconds the sweeps have seen no byte move."""
+        self.accepted = 0.0
+        self.traffic: ServiceTraffic | None = None
+        """Its service port's counts, once admitted (not for a connection turned away)."""
+        self.endpoint_traffic: EndpointTraffic | None = None
 
     @property
     def service(self) -> str:
-        return self._target.name
+        return self.target.name
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = t = cast(asyncio.Transport, transport)
-        target = self._target
+        target = self.target
         pool = target.pool
         client_ip: str | None = None
         if target.needs_client_ip:  # else spare the getpeername call
             peer = t.get_extra_info("peername")
             client_ip = peer[0] if peer else ""
             pool = target.pool_for(client_ip)
-            # Outside loadBalancerSourceRanges, or eTP Local with no local endpoint for this client.
-            if not target.admits(client_ip) or not pool.endpoints:
+            if not target.admits(client_ip):  # outside loadBalancerSourceRanges
+                target.traffic.refuse("source_ranges")
                 _reset(t)
                 return
+        if not pool.endpoints:  # e.g. eTP Local with no local endpoint (an empty Service binds nothing)
+            target.traffic.refuse("no_endpoints")
+            _reset(t)
+            return
         if not self._registry.admit(self):
             _reset(t)
             return
+        self.traffic = traffic = target.traffic
+        traffic.opened += 1
+        traffic.active += 1
+        self.accepted = time.perf_counter()  # uvloop's loop.time() moves in whole milliseconds
         if self._registry.limits.keepalive:
             _keepalive(t, self._registry.limits.keepalive)
         t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        self._dial = self._loop.create_task(self._connect(client_ip, pool))
+        self._dial = self._loop.create_task(self._connect(client_ip, pool, traffic))
 
     def data_received(self, data: bytes) -> None:
         self.active = True
+        self.nbytes += len(data)
         peer = self.peer
         if peer is not None:
             if peer.transport is not None:
@@ -263,7 +282,7 @@ class Client(_Side):
         if self.transport is not None:
             self.transport.pause_reading()
 
-    async def _connect(self, client_ip: str | None, pool: Pool) -> None:
+    async def _connect(self, client_ip: str | None, pool: Pool, traffic: ServiceTraffic) -> None:
         loop = self._loop
         failed: list[Endpoint] = []
         step = 0
@@ -274,6 +293,8 @@ class Client(_Side):
             ep = pool.pick(client_ip, failed)
             if ep is None:
                 break
+            if failed:
+                traffic.retries += 1
             # A refused connect is cheap and says nothing about the others: try each distinct
             # endpoint once at this step of the ladder. Only a timeout, or a second round over
             # endpoints that all failed, moves up the ladder (at most distinct + 4 dials).
@@ -293,11 +314,13 @@ class Client(_Side):
                 if e.errno in LOCAL_ERRNOS:
                     # Our own shortage, not the endpoint's fault: trying others would fail the same.
                     logger.warning("%s: cannot dial %s:%d: %s (this process or node is out of a resource)",
-                                   self._target.name, ep.ip, ep.port, e.strerror)
+                                   self.target.name, ep.ip, ep.port, e.strerror)
+                    traffic.refuse("local_resource")
                     if self.transport is not None:
                         _reset(self.transport)
                     return
-                logger.debug("%s: dial %s:%d failed: %r", self._target.name, ep.ip, ep.port, e)
+                logger.debug("%s: dial %s:%d failed: %r", self.target.name, ep.ip, ep.port, e)
+                traffic.connect_failed(ep, _ERROR_REASONS.get(e.errno or 0, "other"))
                 failed.append(ep)
                 if pool.outliers is not None:
                     pool.outliers.failed(ep)
@@ -309,7 +332,8 @@ class Client(_Side):
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
-                logger.debug("%s: dial %s:%d timed out after %.2fs", self._target.name, ep.ip, ep.port, timeout)
+                logger.debug("%s: dial %s:%d timed out after %.2fs", self.target.name, ep.ip, ep.port, timeout)
+                traffic.connect_failed(ep, "timeout")
                 failed.append(ep)
                 if pool.outliers is not None:
                     pool.outliers.failed(ep)
@@ -321,8 +345,9 @@ class Client(_Side):
             if backend.transport is None and not backend.spoke:
                 # Reset before we could use it (a listener closing with us in its accept queue):
                 # nothing was sent either way, so another endpoint is as good and safe to try.
-                logger.debug("%s: %s:%d reset the connection before it was used", self._target.name, ep.ip,
+                logger.debug("%s: %s:%d reset the connection before it was used", self.target.name, ep.ip,
                              ep.port)
+                traffic.connect_failed(ep, "reset")
                 failed.append(ep)
                 if pool.outliers is not None:
                     pool.outliers.failed(ep)
@@ -330,13 +355,15 @@ class Client(_Side):
             if pool.outliers is not None and pool.outliers.ejections:
                 pool.outliers.succeeded(ep)
             self.endpoint = ep
+            self.endpoint_traffic = traffic.connected(ep, time.perf_counter() - self.accepted)
             self._attach(backend)
             return
         peer = client_ip
         if peer is None and self.transport is not None:  # not looked up on the fast path
             peer = (self.transport.get_extra_info("peername") or ("?",))[0]
         logger.info("%s: no endpoint accepted the connection from %s (%d dials to %d endpoints)",
-                    self._target.name, peer, len(failed), len(set(failed)))
+                    self.target.name, peer, len(failed), len(set(failed)))
+        traffic.refuse("endpoints_failed")
         if self.transport is not None:
             self.transport.close()
 
@@ -356,7 +383,7 @@ class Client(_Side):
         self.backend = backend
         self.peer = backend
         if backend.transport is None:  # the backend already came and went
-            logger.debug("%s: the backend closed before the connection was attached", self._target.name)
+            logger.debug("%s: the backend closed before the connection was attached", self.target.name)
             client.close()
             return
         backend.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
@@ -389,7 +416,7 @@ class Client(_Side):
             if exc is None:
                 other.transport.close()
             else:
-                logger.debug("%s: %s side lost (%r): resetting the %s side", self._target.name,
+                logger.debug("%s: %s side lost (%r): resetting the %s side", self.target.name,
                              "client" if side is self else "backend", exc, "backend" if side is self else "client")
                 _reset(other.transport)
         if side is self and self._dial is not None:
@@ -403,6 +430,13 @@ class Client(_Side):
         itself), and left so every closed connection would wait for the cyclic collector, which
         at scale walks the whole heap. Untied, reference counting frees it at once."""
         backend = self.backend
+        traffic = self.traffic
+        if traffic is not None:  # counted once, though a late callback may bring us here again
+            self.traffic = None
+            out = backend.nbytes if backend is not None else 0
+            traffic.ended(self.nbytes, out)
+            if self.endpoint_traffic is not None:
+                self.endpoint_traffic.ended(self.nbytes, out)
         if backend is not None:
             backend.peer = None
             backend.conn = None  # type: ignore[assignment]  # finished: no callback reads it again
@@ -427,7 +461,7 @@ class Client(_Side):
 
     def pools(self) -> tuple[Pool, ...]:
         """The pools this connection's endpoint may belong to (eTP Local frontends have two)."""
-        target = self._target
+        target = self.target
         return (target.pool,) if target.local_traffic_pool is None else (target.pool, target.local_traffic_pool)
 
 

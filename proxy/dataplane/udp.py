@@ -18,6 +18,7 @@ from typing import cast
 from proxy.balancer import Pool
 from proxy.dataplane import reuseport
 from proxy.dataplane.target import Target
+from proxy.dataplane.traffic import EndpointTraffic, ServiceTraffic
 from proxy.model import Endpoint
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ Address = tuple[str, int] | tuple[str, int, int, int]
 
 
 class Flow:
-    __slots__ = ("client", "endpoint", "frontend", "last_seen", "pool", "sock")
+    __slots__ = ("bytes_in", "bytes_out", "client", "datagrams_in", "datagrams_out", "endpoint", "endpoint_traffic",
+                 "frontend", "last_seen", "pool", "sock", "traffic")
 
     def __init__(self, frontend: Frontend, client: Address, pool: Pool, endpoint: Endpoint, now: float) -> None:
         self.frontend = frontend
@@ -45,9 +47,15 @@ class Flow:
             self.sock.close()
             raise
         frontend.loop.add_reader(self.sock.fileno(), self._readable)
+        # Counted here, added to the service port's and endpoint's counts when the flow ends.
+        self.bytes_in = self.bytes_out = self.datagrams_in = self.datagrams_out = 0
+        self.traffic: ServiceTraffic = frontend.target.traffic
+        self.endpoint_traffic: EndpointTraffic = self.traffic.flow_opened(endpoint)
 
     def send(self, data: bytes, now: float) -> None:
         self.last_seen = now
+        self.datagrams_in += 1
+        self.bytes_in += len(data)
         try:
             self.sock.send(data)
         except (BlockingIOError, ConnectionRefusedError):
@@ -68,11 +76,16 @@ class Flow:
             if transport is None:
                 return
             self.last_seen = self.frontend.loop.time()
+            self.datagrams_out += 1
+            self.bytes_out += len(data)
             transport.sendto(data, self.client)
 
     def close(self) -> None:
         self.frontend.loop.remove_reader(self.sock.fileno())
         self.sock.close()
+        counts = (self.bytes_in, self.bytes_out, self.datagrams_in, self.datagrams_out)
+        self.traffic.ended(*counts)
+        self.endpoint_traffic.ended(*counts)
 
 
 class Frontend(asyncio.DatagramProtocol):
@@ -98,16 +111,20 @@ class Frontend(asyncio.DatagramProtocol):
             del self.flows[addr]
             flow = None
         if flow is None:
-            if not self.target.admits(addr[0]):
+            target = self.target
+            if not target.admits(addr[0]):
+                target.traffic.refuse("source_ranges")
                 return
-            pool = self.target.pool_for(addr[0])
+            pool = target.pool_for(addr[0])
             endpoint = pool.pick(addr[0])
             if endpoint is None:
+                target.traffic.refuse("no_endpoints")
                 return
             try:
                 flow = Flow(self, addr, pool, endpoint, now)
             except OSError as e:
-                logger.warning("%s: cannot open a flow to %s:%d: %s", self.target.name, endpoint.ip, endpoint.port, e)
+                logger.warning("%s: cannot open a flow to %s:%d: %s", target.name, endpoint.ip, endpoint.port, e)
+                target.traffic.refuse("local_resource")
                 return
             self.flows[addr] = flow
         flow.send(data, now)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import App
 from proxy.settings import Settings
@@ -158,3 +159,24 @@ def hung_listener(ip: str, port: int) -> Iterator[None]:
     finally:
         for s in [*fillers, hung]:
             s.close()
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(address: tuple[str, int] | None) -> Samples:
+    """GET /metrics and parse it with prometheus-client's own parser: {(sample, labels): value}."""
+    assert address is not None
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), 5)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    """The value of the one sample with exactly these labels, or None when it is not exported."""
+    return samples.get((name, frozenset(labels.items())))

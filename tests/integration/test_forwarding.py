@@ -13,6 +13,10 @@ from typing import Any
 import pytest
 import uvloop
 
+from proxy.balancer import Pool
+from proxy.dataplane.target import Target
+from proxy.dataplane.traffic import ServiceTraffic
+from proxy.model import ServicePortName
 from tests.integration.harness import (
     ask,
     endpoint_slice,
@@ -27,6 +31,10 @@ from tests.integration.harness import (
 VIP = "127.0.0.100"
 BACKENDS = ["127.0.0.101", "127.0.0.102", "127.0.0.103"]
 PORT = 18080
+
+
+def web_target(pool: Pool) -> Target:
+    return Target(ServiceTraffic(ServicePortName("ns", "web", "http", "TCP")), pool)
 
 
 async def test_runs_on_uvloop() -> None:
@@ -314,8 +322,6 @@ class _NoDescriptors:
 
 
 async def test_our_own_fd_shortage_is_not_blamed_on_endpoints(caplog: pytest.LogCaptureFixture) -> None:
-    from proxy.balancer import Pool
-    from proxy.dataplane.target import Target
     from proxy.dataplane.tcp import Connections, client_factory
     from proxy.model import Endpoint, Family
 
@@ -323,7 +329,7 @@ async def test_our_own_fd_shortage_is_not_blamed_on_endpoints(caplog: pytest.Log
     eps = tuple(Endpoint(ip, PORT, Family.V4) for ip in BACKENDS)
     pool = Pool(eps, clock=loop.time)
     dialer = _NoDescriptors(loop)
-    server = await loop.create_server(client_factory(Target("ns/web:http", pool), Connections(), dialer),  # type: ignore[arg-type]
+    server = await loop.create_server(client_factory(web_target(pool), Connections(), dialer),  # type: ignore[arg-type]
                                       "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
@@ -375,8 +381,6 @@ async def test_a_dead_endpoint_is_ejected_then_comes_back(tmp_path: Path, caplog
 async def test_many_dead_endpoints_cannot_use_up_the_dial_ladder() -> None:
     """Five refused endpoints and one live one: every connection gets through, whichever endpoint
     the round robin starts at (the old ladder gave up after four dials)."""
-    from proxy.balancer import Pool
-    from proxy.dataplane.target import Target
     from proxy.dataplane.tcp import Connections, client_factory
     from proxy.model import Endpoint, Family
 
@@ -385,7 +389,7 @@ async def test_many_dead_endpoints_cannot_use_up_the_dial_ladder() -> None:
     dead = [f"127.0.0.{i}" for i in range(104, 109)]
     pool = Pool(tuple(Endpoint(ip, PORT, Family.V4) for ip in [*dead, live]), clock=loop.time)  # no ejection
     async with servers([(live, PORT)]):
-        server = await loop.create_server(client_factory(Target("ns/web:http", pool), Connections(), loop),
+        server = await loop.create_server(client_factory(web_target(pool), Connections(), loop),
                                           "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
@@ -420,8 +424,6 @@ class _LostOnArrival:
 
 
 async def test_a_backend_lost_before_use_is_replaced_by_another() -> None:
-    from proxy.balancer import Pool
-    from proxy.dataplane.target import Target
     from proxy.dataplane.tcp import Connections, client_factory
     from proxy.model import Endpoint, Family
 
@@ -429,7 +431,7 @@ async def test_a_backend_lost_before_use_is_replaced_by_another() -> None:
     doomed, live = BACKENDS[0], BACKENDS[1]
     pool = Pool((Endpoint(doomed, PORT, Family.V4), Endpoint(live, PORT, Family.V4)), clock=loop.time)
     async with servers([(doomed, PORT), (live, PORT)], lambda ip: ReplyAfterEof()):
-        server = await loop.create_server(client_factory(Target("ns/web:http", pool), Connections(),
+        server = await loop.create_server(client_factory(web_target(pool), Connections(),
                                                          _LostOnArrival(loop, doomed)),  # type: ignore[arg-type]
                                           "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
@@ -450,8 +452,6 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> No
     collections short, and a cycle frozen would never be freed)."""
     import gc
 
-    from proxy.balancer import Pool
-    from proxy.dataplane.target import Target
     from proxy.dataplane.tcp import Client, Connections, _Side, client_factory
     from proxy.model import Endpoint, Family
 
@@ -463,7 +463,7 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> No
     pool = Pool((Endpoint("127.0.0.108", PORT, Family.V4), Endpoint(backend, PORT, Family.V4)), clock=loop.time)
     connections = Connections()
     async with servers([(backend, PORT)]):
-        server = await loop.create_server(client_factory(Target("ns/web:http", pool), connections, loop),
+        server = await loop.create_server(client_factory(web_target(pool), connections, loop),
                                           "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         gc.collect()

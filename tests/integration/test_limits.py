@@ -62,23 +62,23 @@ async def connection(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asy
         writer.close()
 
 
-def refused_count(service_port: str, reason: str) -> float:
-    return metrics.REGISTRY.get_sample_value("svcproxy_connections_refused_total",
-                                             {"service": service_port, "reason": reason}) or 0.0
+def refused_count(service: str, reason: str) -> float:
+    labels = {"namespace": "default", "service": service, "port_name": "p", "protocol": "TCP", "reason": reason}
+    return metrics.REGISTRY.get_sample_value("svcproxy_connections_refused_total", labels) or 0.0
 
 
 async def test_connections_over_the_per_service_limit_are_reset_and_counted(tmp_path: Path) -> None:
     objs = [service("lim", VIP, 8100), endpoint_slice("lim", PORT, [BACKEND])]
     async with servers([(BACKEND, PORT)], lambda ip: Echo()), \
             running_proxy(tmp_path, objs, max_connections_per_service=2):
-        before = refused_count("default/lim:p/TCP", "service")
+        before = refused_count("lim", "max_connections_per_service")
         async with connection(8100) as (r1, w1), connection(8100) as (r2, w2):
             for r, w in ((r1, w1), (r2, w2)):
                 w.write(b"hi")
                 assert await asyncio.wait_for(r.readexactly(2), 5) == b"hi"
             async with connection(8100) as (r3, _):
                 assert await outcome(r3, 5) == "reset"
-            assert refused_count("default/lim:p/TCP", "service") == before + 1
+            assert refused_count("lim", "max_connections_per_service") == before + 1
         # Both closed: there is room again.
         await asyncio.sleep(0.2)
         async with connection(8100) as (r4, w4):
@@ -94,7 +94,7 @@ async def test_connections_over_the_total_limit_are_reset(tmp_path: Path) -> Non
         assert await asyncio.wait_for(r1.readexactly(1), 5) == b"a"
         async with connection(8101) as (r2, _):
             assert await outcome(r2, 5) == "reset"
-        assert refused_count("default/lim2:p/TCP", "total") >= 1
+        assert refused_count("lim2", "max_connections") >= 1
 
 
 async def test_idle_timeout_closes_quiet_connections_only(tmp_path: Path) -> None:

@@ -66,7 +66,7 @@ async def refused_total(port: int) -> float:
     text = (await reader.read()).decode()
     writer.close()
     return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("svcproxy_connections_refused_total{") and 'reason="total"' in line)
+               if line.startswith("svcproxy_connections_refused_total{") and 'reason="max_connections"' in line)
 
 
 async def echo_once() -> str:

@@ -1,0 +1,172 @@
+"""Traffic counts per service port and per endpoint, kept as plain integers.
+
+The byte path must stay cheap: a prometheus-client child costs a lock and two calls per
+increment, which on every chunk would cost several percent of keepalive throughput. So each
+live connection (or UDP flow) counts its own bytes in a slot, and its totals are added to its
+service port's and endpoint's counts once, when it ends. A scrape adds what the live ones have
+counted so far (see ``proxy.metrics.TrafficCollector``), so the exported counters still rise
+while a long connection runs. Everything here runs on the data loop: no locks.
+
+Counts appear with the first connection (or refusal) of a service port, so a node with 10,000
+idle Services does not export 10,000 sets of zeros. They are dropped when the service port or the
+endpoint is gone and its last connection has ended.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Collection
+
+from proxy.model import Endpoint, ServicePortName
+
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+"""Upper bounds (seconds) of the connect-duration histogram; +Inf follows."""
+
+Address = tuple[str, int]
+Live = tuple["ServiceTraffic", "EndpointTraffic | None", int, int, int, int]
+"""An open connection or flow: its counts, and the bytes and datagrams in and out it has seen."""
+
+
+class Counts:
+    """What ended connections added up to, and how many are open (TCP connections, UDP flows)."""
+
+    __slots__ = ("active", "bytes_in", "bytes_out", "datagrams_in", "datagrams_out", "opened", "retired")
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.active = 0
+        self.bytes_in = 0
+        """Received from clients (on their way to an endpoint)."""
+        self.bytes_out = 0
+        """Received from endpoints (on their way to a client)."""
+        self.datagrams_in = 0
+        self.datagrams_out = 0
+        self.retired = False
+        """Gone from the routing table while connections were still open: dropped after the last."""
+
+    def ended(self, bytes_in: int, bytes_out: int, datagrams_in: int = 0, datagrams_out: int = 0) -> None:
+        self.active -= 1
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+        self.datagrams_in += datagrams_in
+        self.datagrams_out += datagrams_out
+
+
+class EndpointTraffic(Counts):
+    __slots__ = ("address", "errors", "service")
+
+    def __init__(self, service: ServiceTraffic, address: Address) -> None:
+        super().__init__()
+        self.service = service
+        self.address = address
+        self.errors: dict[str, int] = {}
+        """Failed connects by reason (refused, timeout, reset, unreachable, other)."""
+
+    def ended(self, bytes_in: int, bytes_out: int, datagrams_in: int = 0, datagrams_out: int = 0) -> None:
+        super().ended(bytes_in, bytes_out, datagrams_in, datagrams_out)
+        if self.retired and not self.active:
+            self.service.drop_endpoint(self)
+
+
+class ServiceTraffic(Counts):
+    """One service port's counts, shared by all its frontends (clusterIP, nodePort, ...)."""
+
+    __slots__ = ("_registry", "connect_buckets", "connect_sum", "endpoints", "name", "refused", "retries")
+
+    def __init__(self, name: ServicePortName, registry: Traffic | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self._registry = registry
+        self.endpoints: dict[Address, EndpointTraffic] = {}
+        self.connect_buckets = [0] * (len(CONNECT_BUCKETS) + 1)
+        """Connects per histogram bucket (not cumulative; the last is +Inf)."""
+        self.connect_sum = 0.0
+        self.retries = 0
+        """Dials beyond the first for a connection: another endpoint tried after a failure."""
+        self.refused: dict[str, int] = {}
+        """Connections (UDP: datagrams that could open no flow) turned away, by reason."""
+
+    def endpoint(self, ep: Endpoint) -> EndpointTraffic:
+        key = (ep.ip, ep.port)
+        counts = self.endpoints.get(key)
+        if counts is None:
+            counts = self.endpoints[key] = EndpointTraffic(self, key)
+        else:
+            counts.retired = False
+        return counts
+
+    def connected(self, ep: Endpoint, seconds: float) -> EndpointTraffic:
+        """A connection reached ``ep`` ``seconds`` after it was accepted (retries included)."""
+        self.connect_buckets[bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
+        self.connect_sum += seconds
+        counts = self.endpoint(ep)
+        counts.opened += 1
+        counts.active += 1
+        return counts
+
+    def flow_opened(self, ep: Endpoint) -> EndpointTraffic:
+        """A UDP flow to ``ep`` began."""
+        self.opened += 1
+        self.active += 1
+        counts = self.endpoint(ep)
+        counts.opened += 1
+        counts.active += 1
+        return counts
+
+    def connect_failed(self, ep: Endpoint, reason: str) -> None:
+        errors = self.endpoint(ep).errors
+        errors[reason] = errors.get(reason, 0) + 1
+
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def ended(self, bytes_in: int, bytes_out: int, datagrams_in: int = 0, datagrams_out: int = 0) -> None:
+        super().ended(bytes_in, bytes_out, datagrams_in, datagrams_out)
+        if self.retired and not self.active and self._registry is not None:
+            self._registry.drop(self)
+
+    def drop_endpoint(self, counts: EndpointTraffic) -> None:
+        if self.endpoints.get(counts.address) is counts:
+            del self.endpoints[counts.address]
+
+    def prune(self, current: Collection[Address]) -> None:
+        """Forget endpoints no longer in any of this port's pools (once their connections end)."""
+        for key, counts in list(self.endpoints.items()):
+            if key in current:
+                continue
+            if counts.active:
+                counts.retired = True
+            else:
+                del self.endpoints[key]
+
+
+class Traffic:
+    """Every service port's counts, created on first use."""
+
+    def __init__(self) -> None:
+        self.services: dict[ServicePortName, ServiceTraffic] = {}
+
+    def service(self, name: ServicePortName) -> ServiceTraffic:
+        counts = self.services.get(name)
+        if counts is None:
+            counts = self.services[name] = ServiceTraffic(name, self)
+        else:
+            counts.retired = False
+        return counts
+
+    def prune(self, name: ServicePortName, current: Collection[Address] | None) -> None:
+        """After a sync changed ``name``'s pools: ``current`` is the endpoints it still has, None
+        when the service port is gone."""
+        counts = self.services.get(name)
+        if counts is None:
+            return
+        counts.prune(current or ())
+        if current is None:
+            if counts.active:
+                counts.retired = True
+            else:
+                del self.services[name]
+
+    def drop(self, counts: ServiceTraffic) -> None:
+        if self.services.get(counts.name) is counts:
+            del self.services[counts.name]
