@@ -23,7 +23,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from proxy.dataplane.traffic import CONNECT_BUCKETS, Counts, Live, Traffic
 
@@ -181,7 +180,7 @@ class OutlierCollector(Collector):
 
 
 SERVICE_LABELS = ("namespace", "service", "port_name", "protocol")
-_LE = [*(floatToGoString(b) for b in CONNECT_BUCKETS), "+Inf"]  # "1.0", as prometheus-client's own
+_LE = [*(repr(b) for b in CONNECT_BUCKETS), "+Inf"]  # "1.0", "0.0005": as prometheus-client writes them
 _SERVICE_FAMILIES = (
     # (kind, name, help, extra labels)
     ("counter", "svcproxy_service_connections", "Connections admitted (UDP: flows opened)", ()),
