@@ -167,7 +167,10 @@ def inner(plan_path: Path) -> int:
         # machine spread over all targets instead of biasing the last one.
         for rep in range(1, plan["reps"] + 1):
             for wname in plan["workloads"]:
-                for name, target in list(live.items()):
+                # Reversed on alternate repetitions: a run leaves TIME_WAITs and warm caches
+                # behind, and the target after it must not always be the same one.
+                order = list(live.items())
+                for name, target in order if rep % 2 else order[::-1]:
                     done += 1
                     run = measure(target, wrkmod.WORKLOADS[wname], plan["duration"], script, sup)
                     if isinstance(run, str):

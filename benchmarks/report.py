@@ -96,6 +96,13 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a is not None and b else "-"
 
 
+def _paired(runs: list[Run], wname: str) -> list[float]:
+    """req/s of svcproxy over svcproxy-base in each repetition (run back to back, so paired)."""
+    by = {(r["rep"], r["target"]): derived(r)["rps"] for r in runs if r["workload"] == wname}
+    return [by[rep, "svcproxy"] / by[rep, "svcproxy-base"] for rep in sorted({rep for rep, _ in by})
+            if (rep, "svcproxy") in by and by.get((rep, "svcproxy-base"))]
+
+
 def markdown(raw: dict[str, Any], meta: dict[str, str], chart: str | None) -> str:
     runs: list[Run] = raw["runs"]
     sums = summarize(runs)
@@ -113,8 +120,8 @@ def markdown(raw: dict[str, Any], meta: dict[str, str], chart: str | None) -> st
         f"Setup: a private network namespace, loopback only. Two nginx backends "
         f"(1 worker each) serve a 12 B `/small` and a 1 MiB `/big`; every target but `direct` "
         f"round-robins over both. `wrk -t1`, {raw['duration']:g} s per run, {raw['reps']} "
-        f"repetition(s), targets interleaved; numbers are medians over repetitions "
-        f"(errors are summed).",
+        f"repetition(s), targets interleaved (order reversed on alternate repetitions); numbers "
+        f"are medians over repetitions (errors are summed).",
         "",
     ]
     lines += _disturbance(runs, int(meta.get("nproc", "1")))
@@ -149,6 +156,12 @@ def markdown(raw: dict[str, Any], meta: dict[str, str], chart: str | None) -> st
                 f"{_ratio(s.rps, hap.rps if hap else None)} | "
                 f"{_ratio(s.req_per_proxy_cpu, hap.req_per_proxy_cpu if hap else None)} |"
             )
+        new, base = sums.get(("svcproxy", wname)), sums.get(("svcproxy-base", wname))
+        if new is not None and base is not None:
+            pairs = _paired(runs, wname)
+            lines += ["", f"svcproxy vs {labels['svcproxy-base']}: req/s {_ratio(new.rps, base.rps)} (medians), "
+                      f"{_ratio(new.req_per_proxy_cpu, base.req_per_proxy_cpu)} per proxy CPU-s; "
+                      f"per repetition {', '.join(f'{r:.2f}x' for r in pairs)}"]
         lines.append("")
     if chart:
         lines += [f"![req/s and req per proxy CPU-second]({chart})", ""]
