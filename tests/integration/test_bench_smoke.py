@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.targets import TARGETS, find_svcproxy
+from benchmarks.targets import TARGETS, export_revision, find_svcproxy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,3 +72,19 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert errors_cell == "0", row
     # svcproxy is a real process: its CPU was measured.
     assert all(r["proxy_cpu_s"] is not None for r in data["runs"] if r["target"] == "svcproxy")
+
+
+def test_a_base_revision_runs_beside_the_working_tree(tmp_path: Path) -> None:
+    """--svcproxy-base REV: that revision's proxy package, started with this Python."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("needs a git checkout")
+    argv, env, short = export_revision(REPO, "HEAD", tmp_path / "base")
+    assert (tmp_path / "base/proxy/__main__.py").is_file()
+    assert short and len(short) >= 7
+    done = subprocess.run([*argv, "--help"], cwd=tmp_path, env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # It ran the exported copy, not the working tree's package.
+    probe = subprocess.run([argv[0], "-c", "import proxy; print(proxy.__file__)"], cwd=tmp_path,
+                           env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == str(tmp_path / "base/proxy/__init__.py")
