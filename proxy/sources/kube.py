@@ -41,6 +41,7 @@ from kubernetes_asyncio.config import incluster_config
 
 from proxy.model import NamespacedName
 from proxy.sources import Handler, WatchStats
+from proxy.sources.liststream import ListDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -335,18 +336,27 @@ async def _request(reflector: Reflector, settings: WatchSettings, **params: Any)
 
 
 async def _list_page(reflector: Reflector, settings: WatchSettings, on_response: Callable[[], None],
-                     **params: Any) -> dict[str, Any]:
+                     seen: dict[NamespacedName, str], **params: Any) -> dict[str, Any]:
+    """One LIST response. Its items go to the reflector as they are decoded (see liststream: a
+    21 MiB list decoded whole raised RSS by ~90 MiB for good); returns its other fields."""
     resp = await _request(reflector, settings, **params)
     try:
         await _check(resp)
         on_response()
-        body = json.loads(await resp.read())
+        decoder = ListDecoder()
+        try:
+            # 64 KiB at a time: uvloop hands over reads of up to ~768 KiB, and strings that size,
+            # freed between long-lived allocations, left ~40 MiB of the heap fragmented.
+            async for chunk in resp.content.iter_chunked(65536):
+                if items := decoder.feed(chunk):
+                    reflector.take_page(items, seen)
+            reflector.take_page(decoder.close(), seen)
+        except ValueError as e:
+            raise ValueError(f"{reflector.kind} list: {e}") from e
     finally:
         resp.release()
     reflector.stats.pages[reflector.kind] += 1
-    if not isinstance(body, dict) or not isinstance(body.get("items"), list):
-        raise ValueError(f"{reflector.kind} list: not a list object")
-    return body
+    return decoder.fields
 
 
 async def relist(reflector: Reflector, settings: WatchSettings, on_response: Callable[[], None]) -> None:
@@ -360,24 +370,24 @@ async def relist(reflector: Reflector, settings: WatchSettings, on_response: Cal
     params: dict[str, Any] = {} if reflector.synced else {"resource_version": "0"}
     limit = settings.list_page_size
     seen: dict[NamespacedName, str] = {}
-    body = await _list_page(reflector, settings, on_response, **params, **({"limit": limit} if limit else {}))
+    # Items are handed over as they are decoded (objects newer than the watch had are real states
+    # all the same); only the deletions wait for the whole list.
+    fields = await _list_page(reflector, settings, on_response, seen, **params,
+                              **({"limit": limit} if limit else {}))
     while True:
-        # Each page is handed over as it comes (objects newer than the watch had are real states
-        # all the same); only the deletions wait for the whole list.
-        list_rv = resource_version(body)
-        token = (body.get("metadata") or {}).get("continue")
-        reflector.take_page(body["items"], seen)
-        del body
+        list_rv = resource_version(fields)
+        metadata = fields.get("metadata")
+        token = metadata.get("continue") if isinstance(metadata, dict) else None
         if not token:
             break
         try:
-            body = await _list_page(reflector, settings, on_response, limit=limit, _continue=token)
+            fields = await _list_page(reflector, settings, on_response, seen, limit=limit, _continue=token)
         except Expired:
             # The snapshot behind the token was compacted: start over in one piece (client-go's pager).
             logger.info("%s: list continuation expired after %d items; listing in one piece",
                         reflector.kind, len(seen))
             seen = {}
-            body = await _list_page(reflector, settings, on_response)
+            fields = await _list_page(reflector, settings, on_response, seen)
     if not list_rv:
         raise ValueError(f"{reflector.kind} list: no metadata.resourceVersion")
     logger.info("%s: listed %d objects at resourceVersion %s", reflector.kind, len(seen), list_rv)
