@@ -394,3 +394,26 @@ def test_malformed_slice_names_object_and_field(mutate: Callable[[Obj], None], f
 def test_invalid_object_is_a_value_error() -> None:
     # Callers that only know ValueError still catch it.
     assert issubclass(convert.InvalidObject, ValueError)
+
+
+def test_single_port_slices_share_their_endpoints_with_the_service_state() -> None:
+    """100,000 endpoints are kept once, not once per slice and again per service port."""
+    sl = make_slice(endpoints=[endpoint("10.244.1.5"), endpoint("10.244.1.6")])
+    info = convert.endpoint_slice(sl)
+    assert info is not None
+    ports = convert.service_state_ports(make_service())
+    assert ports is not None
+    ((_, eps),) = convert.merge_endpoints(ports, [info])
+    assert [e.port for e in eps] == [8080, 8080]
+    assert all(any(e is s for s in info.endpoints) for e in eps)
+
+
+def test_multi_port_slices_get_one_endpoint_per_port() -> None:
+    sl = make_slice(ports=[slice_port("http", 8080), slice_port("metrics", 9090)])
+    info = convert.endpoint_slice(sl)
+    assert info is not None
+    svc = make_service(ports=[service_port("http", 80), service_port("metrics", 90)])
+    ports = convert.service_state_ports(svc)
+    assert ports is not None
+    merged = dict(convert.merge_endpoints(ports, [info]))
+    assert [(e.ip, e.port) for eps in merged.values() for e in eps] == [("10.244.1.5", 8080), ("10.244.1.5", 9090)]
