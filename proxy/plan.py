@@ -220,6 +220,9 @@ class Table:
         self._svc_pools: dict[NamespacedName, set[PoolKey]] = {}
         self._svc_health: dict[NamespacedName, set[ListenerKey]] = {}
         self._health_wants: dict[ListenerKey, dict[NamespacedName, None]] = {}
+        self._contested: set[tuple[bool, ListenerKey]] = set()
+        """(is a health check port, key) wanted by more than one Service: kept as keys settle, so
+        the metric does not walk 10,000 Services at every sync."""
 
     @property
     def vips(self) -> set[str]:
@@ -266,7 +269,7 @@ class Table:
     @property
     def conflicts(self) -> int:
         """Listener and health check keys wanted by more than one Service."""
-        return sum(len(w) > 1 for w in self._wants.values()) + sum(len(q) > 1 for q in self._health_wants.values())
+        return len(self._contested)
 
     def _settle(self, lkey: ListenerKey, plan: Plan) -> None:
         """Give a listener key to the Service first in order that wants it; plan the difference."""
@@ -274,6 +277,7 @@ class Table:
         order = sorted(wants, key=self._rank)
         new = wants[order[0]] if order else None
         old = self.listeners.get(lkey)
+        self._mark_contested(False, lkey, len(order) > 1)
         if len(order) > 1:
             logger.error("%s %s:%d is wanted by %s; %s has it (the oldest Service, then by name)", lkey.protocol,
                          lkey.ip, lkey.port, ", ".join(map(str, order[1:])), order[0])
@@ -356,10 +360,17 @@ class Table:
             self.local_endpoints.pop(key, None)
         return had ^ wanted
 
+    def _mark_contested(self, health: bool, key: ListenerKey, contested: bool) -> None:
+        if contested:
+            self._contested.add((health, key))
+        else:
+            self._contested.discard((health, key))
+
     def _settle_health(self, hkey: ListenerKey, plan: Plan) -> None:
         queue = sorted(self._health_wants.get(hkey, {}), key=self._rank)
         new = queue[0] if queue else None
         old = self.health.get(hkey)
+        self._mark_contested(True, hkey, len(queue) > 1)
         if len(queue) > 1:
             logger.error("health check port %s:%d is wanted by %s; %s has it (the oldest Service, then by name)",
                          hkey.ip, hkey.port, ", ".join(map(str, queue[1:])), queue[0])

@@ -246,7 +246,23 @@ def test_conflict_is_decided_by_age_then_name_never_by_arrival(api_first: bool,
         for table in (one_by_one, together):
             assert table.owner[tcp("192.168.1.10", 31852)] == NamespacedName("default", winner)
             assert table.conflicts == len([k for k in table.listeners if k.port == 31852]) > 0
+            table.update({NamespacedName("default", "beta"): ServiceState()})  # beta deleted: no conflict left
+            assert table.conflicts == 0
     assert "is wanted by" in caplog.text and "the oldest Service, then by name" in caplog.text
+
+
+def test_health_check_port_conflicts_are_counted_until_resolved() -> None:
+    def claimant(name: str) -> tuple[NamespacedName, ServiceState]:
+        svc = make_service(name=name, clusterIP=f"10.96.0.{len(name)}", type="LoadBalancer",
+                           externalTrafficPolicy="Local", healthCheckNodePort=32000,
+                           ports=[service_port("http", 80 + len(name), node_port=31000 + len(name))])
+        return NamespacedName("default", name), state_of(svc, make_slice(service=name))
+
+    table = Table(NODE)
+    table.update(dict([claimant("alpha"), claimant("beta")]))
+    assert table.conflicts == len(table.health) > 0  # each node address's port is contested
+    table.update({NamespacedName("default", "alpha"): ServiceState()})
+    assert table.conflicts == 0
 
 
 def test_an_older_service_arriving_later_takes_the_listener_over() -> None:
