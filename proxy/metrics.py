@@ -24,7 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from proxy.dataplane.traffic import CONNECT_BUCKETS, Counts, Live, Traffic
+from proxy.dataplane.traffic import CONNECT_BUCKETS, Live, Summaries, Summary, Traffic, merge, summarize
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
@@ -211,22 +211,18 @@ class TrafficCollector(Collector):
     """Traffic per service port and per endpoint (svcproxy's own; kube-proxy cannot count it).
 
     Ended connections are counted in :class:`Traffic`; what open ones have moved so far is added
-    at each scrape (``live``), so bytes rise while a long connection runs. For UDP a connection
-    is a flow (one client address and port). Service ports appear with their first connection or
-    refusal: a node with 10,000 idle Services exports nothing for them."""
+    at each scrape (``live``), so bytes rise while a long connection runs. ``others`` are the
+    latest summaries of worker processes. For UDP a connection is a flow (one client address and
+    port). Service ports appear with their first connection or refusal: a node with 10,000 idle
+    Services exports nothing for them."""
 
-    def __init__(self, traffic: Traffic, live: Callable[[], Iterable[Live]]) -> None:
+    def __init__(self, traffic: Traffic, live: Callable[[], Iterable[Live]],
+                 others: Callable[[], Iterable[Summaries]] = tuple) -> None:
         self._traffic = traffic
         self._live = live
+        self._others = others
 
     def collect(self) -> Iterator[Metric]:
-        running: dict[int, list[int]] = {}
-        for svc, ep, *moved in self._live():
-            for counts in (svc, ep):
-                if counts is not None:
-                    acc = running.setdefault(id(counts), [0, 0, 0, 0])
-                    for i, n in enumerate(moved):
-                        acc[i] += n
         families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
             name: (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
                 name, doc, labels=[*SERVICE_LABELS, *extra])
@@ -239,24 +235,21 @@ class TrafficCollector(Collector):
         def add(name: str, labels: list[str], value: float) -> None:
             families[name].add_metric(labels, value)
 
-        def traffic(prefix: str, labels: list[str], c: Counts, udp: bool) -> None:
-            b_in, b_out, d_in, d_out = running.get(id(c), (0, 0, 0, 0))
+        def traffic(prefix: str, labels: list[str], c: Summary, udp: bool) -> None:
             add(f"{prefix}_connections", labels, c.opened)
             add(f"{prefix}_connections_active", labels, c.active)
-            add(f"{prefix}_bytes", [*labels, "from_client"], c.bytes_in + b_in)
-            add(f"{prefix}_bytes", [*labels, "from_endpoint"], c.bytes_out + b_out)
+            add(f"{prefix}_bytes", [*labels, "from_client"], c.bytes_in)
+            add(f"{prefix}_bytes", [*labels, "from_endpoint"], c.bytes_out)
             if udp:
-                add(f"{prefix}_datagrams", [*labels, "from_client"], c.datagrams_in + d_in)
-                add(f"{prefix}_datagrams", [*labels, "from_endpoint"], c.datagrams_out + d_out)
+                add(f"{prefix}_datagrams", [*labels, "from_client"], c.datagrams_in)
+                add(f"{prefix}_datagrams", [*labels, "from_endpoint"], c.datagrams_out)
 
-        for svc in self._traffic.services.values():
-            if not (svc.opened or svc.refused):
-                continue
-            name = svc.name
+        summaries = merge([summarize(self._traffic, self._live()), *self._others()])
+        for name, svc in summaries.items():
             labels = [name.namespace, name.name, name.port, name.protocol]
             udp = name.protocol == "UDP"
             traffic("svcproxy_service", labels, svc, udp)
-            for reason, n in sorted(svc.refused.items()):
+            for reason, n in sorted(svc.errors.items()):
                 add("svcproxy_connections_refused", [*labels, reason], n)
             if not udp:
                 add("svcproxy_service_connect_retries", labels, svc.retries)

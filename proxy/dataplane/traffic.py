@@ -15,7 +15,9 @@ endpoint is gone and its last connection has ended.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Collection
+import dataclasses
+from collections.abc import Collection, Iterable
+from typing import Any
 
 from proxy.model import Endpoint, ServicePortName
 
@@ -170,3 +172,84 @@ class Traffic:
     def drop(self, counts: ServiceTraffic) -> None:
         if self.services.get(counts.name) is counts:
             del self.services[counts.name]
+
+
+@dataclasses.dataclass
+class Summary:
+    """Plain numbers for one service port or endpoint, open connections included: what a scrape
+    exports, and what a worker process sends its parent (picklable, and added up with ``add``)."""
+
+    opened: int = 0
+    active: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    datagrams_in: int = 0
+    datagrams_out: int = 0
+    errors: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Endpoints: failed dials by reason. Service ports: refusals by reason."""
+
+    def add(self, other: Summary) -> None:
+        self.opened += other.opened
+        self.active += other.active
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        self.datagrams_in += other.datagrams_in
+        self.datagrams_out += other.datagrams_out
+        for reason, n in other.errors.items():
+            self.errors[reason] = self.errors.get(reason, 0) + n
+
+
+@dataclasses.dataclass
+class PortSummary(Summary):
+    retries: int = 0
+    connect_buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(CONNECT_BUCKETS) + 1))
+    connect_sum: float = 0.0
+    endpoints: dict[Address, Summary] = dataclasses.field(default_factory=dict)
+
+    def add(self, other: Summary) -> None:
+        super().add(other)
+        if isinstance(other, PortSummary):
+            self.retries += other.retries
+            self.connect_buckets = [a + b for a, b in zip(self.connect_buckets, other.connect_buckets, strict=True)]
+            self.connect_sum += other.connect_sum
+            for address, ep in other.endpoints.items():
+                self.endpoints.setdefault(address, Summary()).add(ep)
+
+
+Summaries = dict[ServicePortName, PortSummary]
+
+
+def summarize(traffic: Traffic, live: Iterable[Live]) -> Summaries:
+    """Every used service port's numbers: what ended connections added up to plus what open ones
+    have moved so far. Ports never used (no connection, no refusal) are left out."""
+    running: dict[int, list[int]] = {}
+    for svc, ep, *moved in live:
+        for counts in (svc, ep):
+            if counts is not None:
+                acc = running.setdefault(id(counts), [0, 0, 0, 0])
+                for i, n in enumerate(moved):
+                    acc[i] += n
+
+    def numbers(c: Counts, errors: dict[str, int]) -> dict[str, Any]:
+        b_in, b_out, d_in, d_out = running.get(id(c), (0, 0, 0, 0))
+        return {"opened": c.opened, "active": c.active, "bytes_in": c.bytes_in + b_in,
+                "bytes_out": c.bytes_out + b_out, "datagrams_in": c.datagrams_in + d_in,
+                "datagrams_out": c.datagrams_out + d_out, "errors": dict(errors)}
+
+    out: Summaries = {}
+    for name, svc in traffic.services.items():
+        if svc.opened or svc.refused:
+            out[name] = PortSummary(
+                **numbers(svc, svc.refused), retries=svc.retries, connect_buckets=list(svc.connect_buckets),
+                connect_sum=svc.connect_sum,
+                endpoints={address: Summary(**numbers(ep, ep.errors)) for address, ep in svc.endpoints.items()})
+    return out
+
+
+def merge(parts: Iterable[Summaries]) -> Summaries:
+    """Several processes' summaries as one."""
+    total: Summaries = {}
+    for part in parts:
+        for name, summary in part.items():
+            total.setdefault(name, PortSummary()).add(summary)
+    return total

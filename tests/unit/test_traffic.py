@@ -131,3 +131,22 @@ def test_ipv6_endpoints_are_bracketed() -> None:
     connection(svc, Endpoint("fd00::1", 80, Family.V6))
     s = scrape(traffic, [])
     assert s["svcproxy_endpoint_connections_total", labels(WEB, endpoint="[fd00::1]:80")] == 1
+
+
+def test_summaries_of_several_processes_add_up() -> None:
+    from proxy.dataplane.traffic import merge, summarize
+
+    one, two = Traffic(), Traffic()
+    for traffic in (one, two):
+        svc = traffic.service(WEB)
+        connection(svc, A, 0.003)
+        svc.refuse("no_endpoints")
+    two.service(WEB).connect_failed(B, "refused")
+    ep = one.service(WEB).endpoints[A.ip, A.port]
+    total = merge([summarize(one, [(one.service(WEB), ep, 5, 7, 0, 0)]), summarize(two, [])])
+    web = total[WEB]
+    assert (web.opened, web.active, web.bytes_in, web.bytes_out) == (2, 2, 5, 7)
+    assert web.errors == {"no_endpoints": 2}
+    assert sum(web.connect_buckets) == 2
+    assert web.endpoints[A.ip, A.port].opened == 2 and web.endpoints[A.ip, A.port].bytes_in == 5
+    assert web.endpoints[B.ip, B.port].errors == {"refused": 1}
