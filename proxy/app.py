@@ -180,11 +180,16 @@ class App:
                               max_connections_per_service=s.max_connections_per_service,
                               idle_timeout=s.tcp_idle_timeout, half_closed_timeout=s.tcp_half_closed_timeout,
                               dial_timeouts=s.dial_timeouts, keepalive=s.tcp_keepalive),
+            workers=s.worker_count(),
         )
-        connections = self.proxier.connections
+        await self.proxier.start_workers()
+        proxier = self.proxier
         self._register(metrics.TrackerCollector(self.tracker, self._last_queued_wall),
-                       metrics.OutlierCollector(self.proxier.outliers, lambda: len(connections.live)),
-                       metrics.TrafficCollector(self.proxier.traffic, self.proxier.live))
+                       metrics.OutlierCollector(proxier.outliers, proxier.live_connections),
+                       metrics.TrafficCollector(proxier.traffic, proxier.live,
+                                                proxier.workers.summaries if proxier.workers else tuple),
+                       *([metrics.WorkerCollector(proxier.workers, lambda: len(proxier.connections.live))]
+                         if proxier.workers else []))
         if s.shared_http_address():
             # One socket for both, as asked: two sockets on one port would split the requests.
             metrics_routes = [r for r in metrics.routes() if r.path != "/healthz"] + self._debug_routes()

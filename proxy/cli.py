@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,6 +73,8 @@ def daemon_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=Settings.max_connections,
                    help="proxied TCP connections in total, excess reset at once (default: from the open-file "
                    "limit, two descriptors each; 0: no limit)")
+    p.add_argument("--workers", type=int, default=Settings.workers,
+                   help="processes that forward TCP, sharing every listener (default 1; 0: one per CPU)")
     p.add_argument("--max-connections-per-service", type=int, default=Settings.max_connections_per_service,
                    help="proxied TCP connections per service port (default 0: no limit)")
     p.add_argument("--tcp-idle-timeout", type=_duration, default=Settings.tcp_idle_timeout,
@@ -122,6 +125,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         drain_timeout=args.drain_timeout,
         max_connections=args.max_connections,
         max_connections_per_service=args.max_connections_per_service,
+        workers=args.workers,
         tcp_idle_timeout=args.tcp_idle_timeout,
         tcp_half_closed_timeout=args.tcp_half_closed_timeout,
         tcp_keepalive=args.tcp_keepalive,
@@ -190,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"svcproxy: error: --write-config-to: {e.strerror or e}", file=sys.stderr)
             return 1
         return 0
+    if settings.worker_count() > 1:
+        # libuv reads it once, at the first listen: each process then accepts one connection per
+        # wake-up, so the processes sharing a listener share its connections too.
+        os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
     return uvloop.run(app.cleanup(settings) if args.cleanup else app.main(settings))
 
 

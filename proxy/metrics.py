@@ -75,7 +75,7 @@ livez_total = Counter(
 )
 
 __all__ = ["REGISTRY", "Collector", "Counter", "OutlierCollector", "TrackerCollector", "TrafficCollector",
-           "WatchCollector", "routes"]
+           "WatchCollector", "WorkerCollector", "routes"]
 
 
 class ChangeCounts(Protocol):
@@ -263,6 +263,34 @@ class TrafficCollector(Collector):
                     traffic("svcproxy_endpoint", ep_labels, ep, udp)
         yield from families.values()
         yield connect
+
+
+class WorkerCounts(Protocol):
+    restarts: int
+
+    def running(self) -> int: ...
+
+    def connections_each(self) -> dict[int, int]: ...
+
+
+class WorkerCollector(Collector):
+    """Worker processes (--workers): how many run, and how often one had to be started again."""
+
+    def __init__(self, workers: WorkerCounts, own_connections: Callable[[], int]) -> None:
+        self._workers = workers
+        self._own = own_connections
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("svcproxy_workers", "Processes forwarding TCP now (this one and its helpers)",
+                                value=1 + self._workers.running())
+        yield CounterMetricFamily("svcproxy_worker_restarts", "Helper processes that exited and were started "
+                                  "again", value=self._workers.restarts)
+        each = GaugeMetricFamily("svcproxy_worker_connections",
+                                 "Proxied TCP connections open in each process (0: the main one; helpers report "
+                                 "every second): how evenly the load is spread", labels=["worker"])
+        for index, n in sorted({0: self._own(), **self._workers.connections_each()}.items()):
+            each.add_metric([str(index)], n)
+        yield each
 
 
 def routes() -> list[web.RouteDef]:

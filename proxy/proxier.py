@@ -18,6 +18,7 @@ from proxy.dataplane.listeners import Listeners
 from proxy.dataplane.target import LocalSources, Target
 from proxy.dataplane.traffic import Address, Live, Traffic
 from proxy.dataplane.vip import Vips
+from proxy.dataplane.workers import Worker, Workers
 from proxy.health import ProxierHealth
 from proxy.model import Family, Policy, ServicePortName
 from proxy.outliers import Outliers
@@ -75,6 +76,7 @@ class Proxier:
         udp_idle_timeout: float = udp.DEFAULT_IDLE_TIMEOUT,
         endpoint_drain_timeout: float = 0.0,
         limits: tcp.Limits | None = None,
+        workers: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tracker = tracker
@@ -104,6 +106,28 @@ class Proxier:
         self.serving: dict[ListenerKey, ListenerSpec] = {}
         """What each open listener serves (data loop side; the routing table view reads it)."""
         self._unsupported_logged: set[str] = set()
+        self.workers = None if workers <= 1 else Workers(
+            workers, limits=self.connections.limits, drain_timeout=endpoint_drain_timeout, replay=self._replay,
+            on_drained=metrics.endpoint_drained.inc)
+        """Helper processes that accept from the same TCP listeners (--workers)."""
+
+    async def start_workers(self) -> None:
+        if self.workers is not None:
+            await self.workers.start()
+
+    def _post(self, *message: Any, fds: Sequence[int] = ()) -> None:
+        if self.workers is not None:
+            self.workers.post(message, fds)
+
+    def _replay(self, worker: Worker) -> None:
+        """A helper that (re)started gets everything its data plane needs, as it is now."""
+        send = worker.channel.send
+        send(("local", self._node_addresses or (), self._cluster_cidrs))
+        send(("pools", {key: (pool.endpoints, pool.affinity_timeout) for key, pool in self.pools.items()}))
+        for key, spec in self.serving.items():
+            listener = self.listeners.open.get(key)
+            if key.protocol == "TCP" and listener is not None:
+                send(("open", spec), [listener.fileno])
 
     async def nodeport_addresses(self) -> tuple[str, ...]:
         """Local addresses nodePorts bind on: every node address, or those in --nodeport-addresses.
@@ -119,6 +143,7 @@ class Proxier:
         if addrs != self._node_addresses:
             self._node_addresses = addrs
             self.local_sources.update(addrs, self._cluster_cidrs)
+            self._post("local", addrs, self._cluster_cidrs)
         if self._nodeport_cidrs:
             addrs = tuple(a for a in addrs if any(ipaddress.ip_address(a) in n for n in self._nodeport_cidrs))
         return addrs
@@ -180,9 +205,11 @@ class Proxier:
             current = {(ep.ip, ep.port) for pool in self.pools.values() for ep in pool.endpoints}
             self.outliers.forget(current.__contains__)
         # Traffic counts of the service ports these plans changed: drop what left.
-        for name in {key.name for plan in plans for key in (*plan.pools, *plan.drop_pools)}:
+        changed = {key.name for plan in plans for key in (*plan.pools, *plan.drop_pools)}
+        for name in changed:
             if name in self.traffic.services:
                 self.traffic.prune(name, self._endpoints_of(name))
+        self._post("synced", changed)
 
     def _endpoints_of(self, name: ServicePortName) -> set[Address] | None:
         """Every endpoint in any pool of the service port; None when it has no pool left."""
@@ -191,6 +218,10 @@ class Proxier:
         if not pools:
             return None
         return {(ep.ip, ep.port) for pool in pools for ep in pool.endpoints}
+
+    def live_connections(self) -> int:
+        """Proxied TCP connections open now, in this process and its helpers."""
+        return len(self.connections.live) + (self.workers.connections() if self.workers else 0)
 
     def live(self) -> Iterator[Live]:
         """What open TCP connections and UDP flows have counted so far (for the traffic metrics)."""
@@ -220,6 +251,8 @@ class Proxier:
             else:
                 pool.install(rot, pool_spec.affinity_timeout)
             await turn.pause()
+        if plan.pools:
+            self._post("pools", {key: (spec.endpoints, spec.affinity_timeout) for key, spec in plan.pools.items()})
         for spec in plan.retarget:
             listener = self.listeners.open.get(spec.key)
             if listener is None:
@@ -231,6 +264,8 @@ class Proxier:
             listener.target.name = str(spec.pool.name)
             listener.target.set_source_ranges(spec.source_ranges)
             self.serving[spec.key] = spec
+            if spec.key.protocol == "TCP":
+                self._post("retarget", spec)
             await turn.pause()
         for spec in plan.open:
             await self._open(spec)
@@ -239,6 +274,8 @@ class Proxier:
             self._failed.pop(key, None)
             self.serving.pop(key, None)
             self.listeners.close(key)
+            if key.protocol == "TCP":
+                self._post("close", key)
             await turn.pause()
         self.health_servers.local_endpoints.update(plan.local_endpoints)
         for hkey in plan.health_close:
@@ -252,6 +289,8 @@ class Proxier:
             gone = self.pools.pop(dropped, None)
             if gone is not None and self.drain.timeout > 0:
                 drain.retire(gone)
+        if plan.drop_pools:
+            self._post("drop_pools", list(plan.drop_pools))
         if plan.remove_vips:
             await self.vips.sync(self.table.vips)
         if plan.add_vips or plan.remove_vips or plan.open or plan.close:
@@ -277,6 +316,8 @@ class Proxier:
             return
         self._failed.pop(key, None)
         self.serving[key] = spec
+        if key.protocol == "TCP":
+            self._post("open", spec, fds=[self.listeners.open[key].fileno])
         logger.debug("%s: listening on %s", spec.pool.name, key)
 
     def _local_traffic_pool(self, spec: ListenerSpec) -> Pool | None:
@@ -303,6 +344,7 @@ class Proxier:
         self.listeners.close_all()
         self.serving.clear()
         self.drain.close()
+        helpers = None if self.workers is None else asyncio.ensure_future(self.workers.stop(drain_seconds))
         await self.health_servers.close_all()
         if self.connections.live:
             logger.info("draining %d connections for up to %.0fs", len(self.connections.live), drain_seconds)
@@ -311,6 +353,8 @@ class Proxier:
             except TimeoutError:
                 logger.info("drain deadline passed; closing %d connections", len(self.connections.live))
                 self.connections.abort_all()
+        if helpers is not None:
+            await helpers
         if remove_vips:
             await self.vips.remove_all()
         await self.vips.close()

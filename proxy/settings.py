@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import resource
 import socket
 import urllib.parse
@@ -76,6 +77,10 @@ class Settings:
     conntrack CLOSE_WAIT timeout); 0 = never."""
     udp_idle_timeout: float = udp.DEFAULT_IDLE_TIMEOUT
     """A UDP flow with no datagram either way for this long is closed (conntrack's UDP default)."""
+    workers: int = 1
+    """Processes that forward TCP (proxy/dataplane/workers.py): 1 = the main process alone; N > 1
+    adds N-1 helpers that accept from the same listening sockets; 0 = one per CPU this process may
+    use. UDP, health checks and metrics stay in the main process."""
     endpoint_drain_timeout: float = 0.0
     """Connections to an endpoint that left its pool (deleted, not ready, terminating) are reset
     after this long; 0 = never (kube-proxy leaves established connections alone)."""
@@ -91,6 +96,9 @@ class Settings:
     ready_file: Path | None = None
     """Created after the first full sync and removed when stopping: a readiness check that only this
     instance answers (an HTTP probe may reach the other instance of a restart)."""
+
+    def worker_count(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))
 
     def connection_limit(self) -> int:
         if self.max_connections >= 0:
@@ -131,6 +139,8 @@ class Settings:
             raise SettingsError("--dial-timeouts must be one or more positive durations")
         if self.logging_format not in ("text", "json"):
             raise SettingsError(f"--logging-format: {self.logging_format!r} is neither text nor json")
+        if not 0 <= self.workers <= 64:
+            raise SettingsError(f"--workers: {self.workers} is not between 0 (one per CPU) and 64")
         if self.udp_idle_timeout <= 0:
             raise SettingsError("--udp-idle-timeout must be positive")
         if self.sync_period <= 0:

@@ -39,14 +39,16 @@ def listening_socket(key: ListenerKey) -> socket.socket:
 
 
 class Listener:
-    __slots__ = ("close", "key", "target", "udp")
+    __slots__ = ("close", "fileno", "key", "target", "udp")
 
     def __init__(self, key: ListenerKey, target: Target, close: Callable[[], None],
-                 udp_frontend: udp.Frontend | None = None) -> None:
+                 udp_frontend: udp.Frontend | None = None, fileno: int = -1) -> None:
         self.key = key
         self.target = target
         self.close = close
         self.udp = udp_frontend
+        self.fileno = fileno
+        """The listening socket's descriptor (TCP), handed to worker processes."""
 
 
 class Listeners:
@@ -70,6 +72,7 @@ class Listeners:
 
     async def _open_tcp(self, key: ListenerKey, target: Target) -> None:
         sock = listening_socket(key)
+        fileno = sock.fileno()
         try:
             server = await self._loop.create_server(
                 tcp.client_factory(target, self._connections, self._loop), sock=sock, backlog=BACKLOG
@@ -77,7 +80,7 @@ class Listeners:
         except BaseException:
             sock.close()
             raise
-        self.open[key] = Listener(key, target, server.close)
+        self.open[key] = Listener(key, target, server.close, fileno=fileno)
 
     async def _open_udp(self, key: ListenerKey, target: Target) -> None:
         sock = udp.bound_socket(key.ip, key.port)
