@@ -42,12 +42,14 @@ def _endpoint(ep: Endpoint, node: str, ejected: Mapping[Address, float], active:
 
 
 def view(serving: Mapping[ListenerKey, ListenerSpec], pools: Mapping[PoolKey, Pool], *, node: str,
-         ejected: Iterable[tuple[str, int, float]] = (), connected: Iterable[Endpoint | None] = ()) -> list[Row]:
+         ejected: Iterable[tuple[str, int, float]] = (), connected: Iterable[Endpoint | None] = (),
+         elsewhere: Mapping[Address, int] | None = None) -> list[Row]:
     """One row per open frontend, sorted by Service, type and address. Pure: the caller gathers
     the live state (``ejected``: (ip, port, seconds left); ``connected``: each live connection's
-    endpoint, None while it dials)."""
+    endpoint, None while it dials; ``elsewhere``: connections per endpoint in worker processes)."""
     out: dict[Address, float] = {(ip, port): left for ip, port, left in ejected}
     active: Counter[Address] = Counter((ep.ip, ep.port) for ep in connected if ep is not None)
+    active.update(elsewhere or {})
     rows = []
     for key, spec in serving.items():
         pool = pools.get(spec.pool)
@@ -104,9 +106,13 @@ def render(rows: Sequence[Row]) -> str:
 def routes(proxier: Proxier) -> list[web.RouteDef]:
     """``/debug/services``: :func:`view` of the running proxier, as JSON."""
     async def services(_: web.Request) -> web.Response:
+        elsewhere: Counter[Address] = Counter()
+        for summaries in proxier.workers.summaries() if proxier.workers else ():
+            for port in summaries.values():
+                elsewhere.update({address: ep.active for address, ep in port.endpoints.items()})
         rows = view(proxier.serving, proxier.pools, node=proxier.node_name,
                     ejected=proxier.outliers.ejected_now(),
-                    connected=[conn.endpoint for conn in proxier.connections.live])
+                    connected=[conn.endpoint for conn in proxier.connections.live], elsewhere=elsewhere)
         return web.json_response(rows)
 
     return [web.get("/debug/services", services)]

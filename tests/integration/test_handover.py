@@ -181,15 +181,16 @@ def handover_name() -> str:
     return f"@svcproxy-test-{os.getpid()}-{time.monotonic_ns()}"
 
 
-async def test_restart_with_identical_flags_loses_nothing(tmp: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_restart_with_identical_flags_loses_nothing(tmp: Path, workers: str) -> None:
     name = handover_name()
     async with backend():
-        old = Proxy(tmp, "old", name)
+        old = Proxy(tmp, "old", name, "--workers", workers)
         await old.wait_ready()
         load = Load()
         load.start()
         await asyncio.sleep(1.0)
-        new = Proxy(tmp, "new", name)
+        new = Proxy(tmp, "new", name, "--workers", workers)
         await new.wait_ready()
         await asyncio.sleep(0.5)
         old.proc.send_signal(signal.SIGTERM)

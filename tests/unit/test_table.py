@@ -55,3 +55,11 @@ def test_a_frontend_whose_pool_is_gone_shows_no_endpoints() -> None:
     key = ListenerKey("10.96.0.11", 53, "UDP")
     rows = view({key: ListenerSpec(key, PoolKey(NAME, Family.V4, Policy.CLUSTER))}, {}, node="node-a")
     assert rows[0]["endpoints"] == [] and rows[0]["sessionAffinityTimeout"] == 0
+
+
+def test_active_connections_include_worker_processes() -> None:
+    key = ListenerKey("10.96.0.10", 80, "TCP")
+    pool = PoolKey(NAME, Family.V4, Policy.CLUSTER)
+    rows = view({key: ListenerSpec(key, pool)}, {pool: Pool((A, B), clock=clock)}, node="node-a",
+                connected=[A], elsewhere={("10.1.0.1", 8080): 3, ("10.1.0.2", 8080): 1})
+    assert [e["activeConnections"] for e in rows[0]["endpoints"]] == [4, 1]
