@@ -285,7 +285,7 @@ def plan_targets(args: argparse.Namespace) -> tuple[dict[str, dict[str, str]], l
             lacking.append("libnginx-mod-stream")
         if lacking:
             info.update(status="skipped", reason=f"missing {', '.join(lacking)}")
-        if name == "svcproxy":
+        if name in ("svcproxy", "svcproxy-w2"):
             cmd, where = find_svcproxy(REPO, args.svcproxy_cmd)
             problem = check_svcproxy(cmd, REPO) if cmd else None
             if cmd is None:

@@ -99,8 +99,12 @@ def _ratio(a: float | None, b: float | None) -> str:
 def _paired(runs: list[Run], wname: str) -> list[float]:
     """req/s of svcproxy over svcproxy-base in each repetition (run back to back, so paired)."""
     by = {(r["rep"], r["target"]): derived(r)["rps"] for r in runs if r["workload"] == wname}
-    return [by[rep, "svcproxy"] / by[rep, "svcproxy-base"] for rep in sorted({rep for rep, _ in by})
-            if (rep, "svcproxy") in by and by.get((rep, "svcproxy-base"))]
+    out = []
+    for rep in sorted({rep for rep, _ in by}):
+        new, base = by.get((rep, "svcproxy")), by.get((rep, "svcproxy-base"))
+        if new is not None and base:
+            out.append(new / base)
+    return out
 
 
 def markdown(raw: dict[str, Any], meta: dict[str, str], chart: str | None) -> str:

@@ -77,7 +77,7 @@ class Direct(Target):
 
 HAPROXY_CONF = """\
 global
-    nbthread 1
+    nbthread {threads}
     maxconn 8000
 defaults
     mode tcp
@@ -96,11 +96,12 @@ backend be
 class HAProxy(Target):
     name, label = "haproxy", "HAProxy (tcp)"
     port = 8090
+    threads = 1
 
     def start(self) -> None:
         servers = "\n".join(f"    server {b.name} {b.direct[0]}:{b.direct[1]}" for b in BACKENDS)
-        conf = self.workdir / "haproxy.cfg"
-        conf.write_text(HAPROXY_CONF.format(host=self.host, port=self.port, servers=servers))
+        conf = self.workdir / f"{self.name}.cfg"
+        conf.write_text(HAPROXY_CONF.format(host=self.host, port=self.port, servers=servers, threads=self.threads))
         # -db: stay in the foreground, one process (no master-worker) to account CPU for.
         self._start_daemon(["haproxy", "-db", "-f", str(conf)])
 
@@ -125,6 +126,12 @@ stream {{
     }}
 }}
 """
+
+
+class HAProxy2(HAProxy):
+    name, label = "haproxy-t2", "HAProxy (tcp, nbthread 2)"
+    port = 8092
+    threads = 2
 
 
 class NginxStream(Target):
@@ -248,6 +255,7 @@ endpoints:
 class Svcproxy(Target):
     name, label = "svcproxy", "svcproxy"
     host, port = SVC_VIP, SVC_PORT
+    extra: tuple[str, ...] = ()
 
     def __init__(self, sup: Supervisor, workdir: Path, command: list[str], env: dict[str, str] | None = None) -> None:
         super().__init__(sup, workdir)
@@ -278,8 +286,17 @@ class Svcproxy(Target):
             # Two svcproxy targets run side by side: neither may take the other over.
             "--handover-socket",
             "",
+            *self.extra,
         ]
         self._start_daemon(argv, timeout=30, env=dict(os.environ, PYTHONUNBUFFERED="1", **self.env))
+
+
+class Svcproxy2(Svcproxy):
+    """svcproxy with one helper process (``--workers 2``)."""
+
+    name, label = "svcproxy-w2", "svcproxy (--workers 2)"
+    host = "127.0.0.22"
+    extra = ("--workers", "2")
 
 
 class SvcproxyBase(Svcproxy):
@@ -291,12 +308,13 @@ class SvcproxyBase(Svcproxy):
 
 
 TARGETS: dict[str, type[Target]] = {
-    t.name: t for t in (Direct, HAProxy, NginxStream, Dnat, Svcproxy, SvcproxyBase)}
+    t.name: t for t in (Direct, HAProxy, HAProxy2, NginxStream, Dnat, Svcproxy, Svcproxy2, SvcproxyBase)}
 
 
 def make(name: str, sup: Supervisor, workdir: Path, plan: dict[str, Any]) -> Target:
-    if name == Svcproxy.name:
-        return Svcproxy(sup, workdir, plan.get("svcproxy_cmd") or [])
+    if name in (Svcproxy.name, Svcproxy2.name):
+        cls = Svcproxy2 if name == Svcproxy2.name else Svcproxy
+        return cls(sup, workdir, plan.get("svcproxy_cmd") or [])
     if name == SvcproxyBase.name:
         base = plan.get("svcproxy_base") or {}
         return SvcproxyBase(sup, workdir, base.get("cmd") or [], base.get("env"))
@@ -316,7 +334,7 @@ def export_revision(repo: Path, rev: str, dest: Path) -> tuple[list[str], dict[s
 
 
 # Tools each target needs beyond wrk + nginx (backends).
-NEEDS: dict[str, list[str]] = {"haproxy": ["haproxy"], "dnat": ["nft"]}
+NEEDS: dict[str, list[str]] = {"haproxy": ["haproxy"], "haproxy-t2": ["haproxy"], "dnat": ["nft"]}
 
 
 def find_svcproxy(repo: Path, override: str | None) -> tuple[list[str] | None, str]:
