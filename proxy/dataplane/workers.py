@@ -70,7 +70,8 @@ class Channel:
             return
         data = pickle.dumps((message, len(fds)), protocol=pickle.HIGHEST_PROTOCOL)
         was_idle = not self._out
-        self._out.append((memoryview(len(data).to_bytes(_HEADER, "big") + data), list(fds)))
+        # Copies: the caller may close its descriptor (and the number be reused) before we send.
+        self._out.append((memoryview(len(data).to_bytes(_HEADER, "big") + data), [os.dup(fd) for fd in fds]))
         if was_idle:
             self._writable()
 
@@ -80,7 +81,7 @@ class Channel:
             try:
                 if fds:
                     sent = self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-                    fds.clear()  # they went with the first byte
+                    _close_all(fds)  # they went with the first byte
                 else:
                     sent = self._sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -127,9 +128,17 @@ class Channel:
             self._loop.remove_reader(self._sock.fileno())
             self._loop.remove_writer(self._sock.fileno())
         self._sock.close()
-        while self._fds:
-            os.close(self._fds.popleft())
+        _close_all(self._fds)
+        for _, fds in self._out:
+            _close_all(fds)
+        self._out.clear()
         self._on_closed()
+
+
+def _close_all(fds: list[int] | collections.deque[int]) -> None:
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.pop())
 
 
 # ---------------------------------------------------------------- the helper process
@@ -294,6 +303,8 @@ class Worker:
         self.summaries: Summaries = {}
         self.connections = 0
         self.drained = 0
+        self.quick_deaths = 0
+        """Deaths in a row, each within 10 s of its start."""
 
 
 class Workers:
@@ -315,7 +326,7 @@ class Workers:
         for index in range(1, self.count):
             await self._spawn(index)
 
-    async def _spawn(self, index: int) -> None:
+    async def _spawn(self, index: int, quick_deaths: int = 0) -> None:
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -337,6 +348,7 @@ class Workers:
 
         channel = Channel(parent, loop, on_message, lambda: None)
         worker = Worker(index, process, channel)
+        worker.quick_deaths = quick_deaths
         self.workers[index] = worker
         logger.info("worker %d started (pid %d)", index, process.pid)
         self._replay(worker)
@@ -345,15 +357,22 @@ class Workers:
         task.add_done_callback(self._watchers.discard)
 
     async def _watch(self, worker: Worker) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         code = await worker.process.wait()
         worker.channel.close()
         if self._stopping or self.workers.get(worker.index) is not worker:
             return
         self.restarts += 1
-        logger.error("worker %d (pid %d) exited with %s; starting it again", worker.index, worker.process.pid,
-                     code if code >= 0 else signal.Signals(-code).name)
         del self.workers[worker.index]
-        await self._spawn(worker.index)
+        # One that dies young is started again after a growing pause, not in a tight loop.
+        worker.quick_deaths = worker.quick_deaths + 1 if loop.time() - started < 10 else 0
+        delay = min(30.0, 0.5 * 2 ** worker.quick_deaths) if worker.quick_deaths else 0.0
+        logger.error("worker %d (pid %d) exited with %s; starting it again%s", worker.index, worker.process.pid,
+                     code if code >= 0 else signal.Signals(-code).name, f" in {delay:g}s" if delay else "")
+        await asyncio.sleep(delay)
+        if not self._stopping:
+            await self._spawn(worker.index, worker.quick_deaths)
 
     def post(self, message: tuple[Any, ...], fds: Iterable[int] = ()) -> None:
         """Send to every helper (``fds`` are duplicated into each)."""
