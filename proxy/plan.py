@@ -37,6 +37,11 @@ class PoolKey(NamedTuple):
     policy: Policy
 
 
+def pool_keys(name: ServicePortName) -> tuple[PoolKey, ...]:
+    """Every pool a service port can have (one per family and policy): looked up, not searched for."""
+    return tuple(PoolKey(name, family, policy) for family in Family for policy in Policy)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ListenerSpec:
     key: ListenerKey

@@ -20,9 +20,9 @@ from proxy.dataplane.traffic import Address, Live, Traffic
 from proxy.dataplane.vip import Vips
 from proxy.dataplane.workers import Worker, Workers
 from proxy.health import ProxierHealth
-from proxy.model import Family, Policy, ServicePortName
+from proxy.model import ServicePortName
 from proxy.outliers import Outliers
-from proxy.plan import ListenerKey, ListenerSpec, Node, Plan, PoolKey, Table
+from proxy.plan import ListenerKey, ListenerSpec, Node, Plan, PoolKey, Table, pool_keys
 from proxy.tracker import ChangeTracker
 
 logger = logging.getLogger(__name__)
@@ -213,8 +213,7 @@ class Proxier:
 
     def _endpoints_of(self, name: ServicePortName) -> set[Address] | None:
         """Every endpoint in any pool of the service port; None when it has no pool left."""
-        pools = [pool for family in Family for policy in Policy
-                 if (pool := self.pools.get(PoolKey(name, family, policy))) is not None]
+        pools = [pool for key in pool_keys(name) if (pool := self.pools.get(key)) is not None]
         if not pools:
             return None
         return {(ep.ip, ep.port) for pool in pools for ep in pool.endpoints}

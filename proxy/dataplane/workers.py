@@ -37,7 +37,7 @@ from proxy.dataplane.listeners import BACKLOG
 from proxy.dataplane.target import LocalSources, Target
 from proxy.dataplane.traffic import Summaries, Traffic, summarize
 from proxy.outliers import Outliers
-from proxy.plan import ListenerKey, ListenerSpec, PoolKey
+from proxy.plan import ListenerKey, ListenerSpec, PoolKey, pool_keys
 
 logger = logging.getLogger(__name__)
 
@@ -209,9 +209,9 @@ class Helper:
             self.drain.check()
             for name in args[0]:
                 if name in self.traffic.services:
-                    keys = [k for k in self.pools if k.name == name]
-                    self.traffic.prune(name, {(e.ip, e.port) for k in keys for e in self.pools[k].endpoints}
-                                       if keys else None)
+                    pools = [pool for key in pool_keys(name) if (pool := self.pools.get(key)) is not None]
+                    self.traffic.prune(name, {(e.ip, e.port) for pool in pools for e in pool.endpoints}
+                                       if pools else None)
         elif kind == "stop" and not self.stopping.done():
             self.stopping.set_result(args[0])
 
