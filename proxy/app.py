@@ -25,7 +25,7 @@ from aiohttp import web
 
 from proxy import config, convert, gcpolicy, health, metrics, sdnotify, table
 from proxy.control import ControlThread
-from proxy.dataplane import tcp
+from proxy.dataplane.connections import Limits
 from proxy.dataplane.guard import VipGuard
 from proxy.dataplane.vip import Vips
 from proxy.dataplane.watchdog import LoopWatchdog
@@ -176,7 +176,7 @@ class App:
             loop=loop, tracker=self.tracker, vips=vips, health=self.health,
             node_name=s.node_name, nodeport_cidrs=s.nodeport_addresses, cluster_cidrs=s.cluster_cidr,
             udp_idle_timeout=s.udp_idle_timeout, endpoint_drain_timeout=s.endpoint_drain_timeout,
-            limits=tcp.Limits(max_connections=s.connection_limit(),
+            limits=Limits(max_connections=s.connection_limit(),
                               max_connections_per_service=s.max_connections_per_service,
                               idle_timeout=s.tcp_idle_timeout, half_closed_timeout=s.tcp_half_closed_timeout,
                               dial_timeouts=s.dial_timeouts, keepalive=s.tcp_keepalive),

@@ -12,9 +12,10 @@ from typing import Any, TypeVar
 from proxy import metrics
 from proxy.balancer import Pool, Rotation, rotation
 from proxy.dataplane import drain, tcp, udp
+from proxy.dataplane.connections import Connections, Limits
 from proxy.dataplane.guard import VipGuard
 from proxy.dataplane.healthcheck import ServiceHealthServers
-from proxy.dataplane.listeners import Listeners
+from proxy.dataplane.listeners import BACKLOG, Listeners
 from proxy.dataplane.target import LocalSources, Target
 from proxy.dataplane.traffic import Address, Live, Traffic
 from proxy.dataplane.vip import Vips
@@ -75,7 +76,7 @@ class Proxier:
         cluster_cidrs: Sequence[str] = (),
         udp_idle_timeout: float = udp.DEFAULT_IDLE_TIMEOUT,
         endpoint_drain_timeout: float = 0.0,
-        limits: tcp.Limits | None = None,
+        limits: Limits | None = None,
         workers: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -88,9 +89,10 @@ class Proxier:
         self._nodeport_cidrs = [ipaddress.ip_network(c, strict=False) for c in nodeport_cidrs]
         self._clock = clock
         self.outliers = Outliers(clock=clock)
-        self.connections = tcp.Connections(limits)
+        self.connections = Connections(limits)
         self.traffic = Traffic()
-        self.listeners = Listeners(loop, self.connections, udp_idle_timeout=udp_idle_timeout)
+        self.listeners = Listeners(loop, tcp.TransportForwarder(loop, self.connections, BACKLOG),
+                                   udp_idle_timeout=udp_idle_timeout)
         self.drain = drain.EndpointDrain(self.connections, endpoint_drain_timeout, loop=loop,
                                          on_drained=metrics.endpoint_drained.inc)
         self.pools: dict[PoolKey, Pool] = {}
@@ -226,8 +228,7 @@ class Proxier:
         """What open TCP connections and UDP flows have counted so far (for the traffic metrics)."""
         for conn in self.connections.live:
             if conn.traffic is not None:
-                backend = conn.backend
-                yield conn.traffic, conn.endpoint_traffic, conn.nbytes, backend.nbytes if backend else 0, 0, 0
+                yield conn.traffic, conn.endpoint_traffic, *conn.moved, 0, 0
         for listener in self.listeners.open.values():
             if listener.udp is not None:
                 for flow in listener.udp.flows.values():

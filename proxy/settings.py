@@ -66,7 +66,7 @@ class Settings:
     max_connections_per_service: int = 0
     """Per service port; 0 = no limit."""
     dial_timeouts: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
-    """The connect-timeout ladder (the old userspace proxier's; also tcp.Limits' default)."""
+    """The connect-timeout ladder (the old userspace proxier's; also connections.Limits' default)."""
     tcp_keepalive: float = 0.0
     """TCP keepalive on both legs of every proxied connection: first probe after this many idle
     seconds; 0 = off (kube-proxy sets none)."""

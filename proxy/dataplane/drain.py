@@ -21,7 +21,7 @@ import asyncio
 from collections.abc import Callable
 
 from proxy.balancer import Pool
-from proxy.dataplane import tcp
+from proxy.dataplane.connections import Connection, Connections
 
 Address = tuple[str, int]
 
@@ -31,13 +31,13 @@ def serving(pool: Pool) -> frozenset[Address]:
 
 
 class EndpointDrain:
-    def __init__(self, connections: tcp.Connections, timeout: float, *, loop: asyncio.AbstractEventLoop,
+    def __init__(self, connections: Connections, timeout: float, *, loop: asyncio.AbstractEventLoop,
                  on_drained: Callable[[int], None]) -> None:
         self._connections = connections
         self.timeout = timeout
         self._loop = loop
         self._on_drained = on_drained
-        self._deadlines: dict[tcp.Client, float] = {}
+        self._deadlines: dict[Connection, float] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def check(self) -> None:

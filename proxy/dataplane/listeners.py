@@ -11,7 +11,8 @@ import logging
 import socket
 from collections.abc import Callable
 
-from proxy.dataplane import reuseport, tcp, udp
+from proxy.dataplane import reuseport, udp
+from proxy.dataplane.connections import Forwarder
 from proxy.dataplane.target import Target
 from proxy.plan import ListenerKey
 
@@ -54,10 +55,10 @@ class Listener:
 class Listeners:
     """The open listeners, keyed by address, port and protocol."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, connections: tcp.Connections, *,
+    def __init__(self, loop: asyncio.AbstractEventLoop, forwarder: Forwarder, *,
                  udp_idle_timeout: float = udp.DEFAULT_IDLE_TIMEOUT) -> None:
         self._loop = loop
-        self._connections = connections
+        self._forwarder = forwarder
         self._udp_idle_timeout = udp_idle_timeout
         self.open: dict[ListenerKey, Listener] = {}
 
@@ -74,13 +75,11 @@ class Listeners:
         sock = listening_socket(key)
         fileno = sock.fileno()
         try:
-            server = await self._loop.create_server(
-                tcp.client_factory(target, self._connections, self._loop), sock=sock, backlog=BACKLOG
-            )
+            close = await self._forwarder.serve(sock, target)
         except BaseException:
             sock.close()
             raise
-        self.open[key] = Listener(key, target, server.close, fileno=fileno)
+        self.open[key] = Listener(key, target, close, fileno=fileno)
 
     async def _open_udp(self, key: ListenerKey, target: Target) -> None:
         sock = udp.bound_socket(key.ip, key.port)

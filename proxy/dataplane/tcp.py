@@ -9,7 +9,7 @@ Built on ``asyncio.Protocol`` callbacks (no streams, no per-chunk coroutines):
 * Connect failure: the next distinct endpoint is tried, with dial timeouts growing after each
   timeout (the userspace proxier's 250 ms, 500 ms, 1 s, 2 s); a refused connect tries the next
   endpoint at once, so several dead endpoints cannot use up the ladder. Then the client is closed.
-* Limits (:class:`Limits`): connections in total and per service port beyond the maximum are
+* Limits (`connections.Limits`): connections in total and per service port beyond the maximum are
   reset at once and counted; an idle timeout (off by default, as kube-proxy) and a bound on
   half-closed connections that went quiet (kube-proxy's conntrack CLOSE_WAIT timeout, 1 h) are
   enforced by one sweep over the live connections, so the byte path only sets a flag.
@@ -18,8 +18,6 @@ Built on ``asyncio.Protocol`` callbacks (no streams, no per-chunk coroutines):
 from __future__ import annotations
 
 import asyncio
-import collections
-import dataclasses
 import errno
 import logging
 import socket
@@ -29,13 +27,13 @@ from collections.abc import Callable
 from typing import cast
 
 from proxy.balancer import Pool
+from proxy.dataplane.connections import Connections
 from proxy.dataplane.target import Target
 from proxy.dataplane.traffic import EndpointTraffic, ServiceTraffic
 from proxy.model import Endpoint
 
 logger = logging.getLogger(__name__)
 
-DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
 LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
 """Dial errors that are this node's shortage (descriptors, memory, ephemeral ports), not the endpoint's."""
 _ERROR_REASONS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout", errno.ECONNRESET: "reset",
@@ -44,100 +42,6 @@ _ERROR_REASONS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout", err
 _LINGER_RESET = struct.pack("ii", 1, 0)
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    max_connections: int = 0
-    """Proxied TCP connections in total; 0 = no limit."""
-    max_connections_per_service: int = 0
-    """Per service port; 0 = no limit."""
-    idle_timeout: float = 0.0
-    """Close a connection with no byte either way for this long; 0 = never (kube-proxy has none)."""
-    half_closed_timeout: float = 3600.0
-    """Close a connection one side has ended when no byte has moved for this long; 0 = never."""
-    dial_timeouts: tuple[float, ...] = DIAL_TIMEOUTS  # the same ladder as Settings.dial_timeouts
-    """The connect-timeout ladder: each timed-out dial moves to the next, longer one."""
-    keepalive: float = 0.0
-    """TCP keepalive on both legs: first probe after this many idle seconds; 0 = off."""
-
-    @property
-    def sweep_interval(self) -> float:
-        """How often live connections are checked: a tenth of the shortest timeout, 0.1-10 s."""
-        timeouts = [t for t in (self.idle_timeout, self.half_closed_timeout) if t > 0]
-        return min(10.0, max(0.1, min(timeouts) / 10)) if timeouts else 0.0
-
-
-class Connections:
-    """Live connections: counted against the limits, swept for timeouts, drained at shutdown."""
-
-    def __init__(self, limits: Limits | None = None) -> None:
-        self.live: set[Client] = set()
-        self.limits = limits or Limits()
-        self.per_service: collections.Counter[str] = collections.Counter()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._sweeper: asyncio.TimerHandle | None = None
-
-    def admit(self, conn: Client) -> bool:
-        """Register a new connection, or say no (the caller resets it) when over a limit."""
-        lim, name = self.limits, conn.service
-        reason = ""
-        if lim.max_connections and len(self.live) >= lim.max_connections:
-            reason = "max_connections"
-        elif lim.max_connections_per_service and self.per_service[name] >= lim.max_connections_per_service:
-            reason = "max_connections_per_service"
-        if reason:
-            conn.target.traffic.refuse(reason)
-            return False
-        self.live.add(conn)
-        if lim.max_connections_per_service:  # counted only when limited: no work per connection otherwise
-            self.per_service[name] += 1
-        self._idle.clear()
-        if self._sweeper is None and lim.sweep_interval:
-            self._schedule()
-        return True
-
-    def discard(self, conn: Client) -> None:
-        if conn in self.live:
-            self.live.discard(conn)
-            if self.limits.max_connections_per_service:
-                self.per_service[conn.service] -= 1
-                if not self.per_service[conn.service]:
-                    del self.per_service[conn.service]
-        if not self.live:
-            self._idle.set()
-
-    def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._sweeper = loop.call_later(self.limits.sweep_interval, self._sweep)
-
-    def _sweep(self) -> None:
-        """Close connections idle past a timeout. Each has an ``active`` flag set by every chunk;
-        a connection seen inactive on consecutive sweeps has been idle that many intervals."""
-        self._sweeper = None
-        lim, step = self.limits, self.limits.sweep_interval
-        for conn in list(self.live):
-            if conn.active:
-                conn.active = False
-                conn.quiet = 0.0
-                continue
-            conn.quiet += step
-            half_closed = conn.eof or (conn.backend is not None and conn.backend.eof)
-            if (lim.idle_timeout and conn.quiet >= lim.idle_timeout) or \
-                    (half_closed and lim.half_closed_timeout and conn.quiet >= lim.half_closed_timeout):
-                logger.debug("%s: closing a connection quiet for %.0fs%s", conn.service, conn.quiet,
-                             " (half-closed)" if half_closed else "")
-                conn.finish()  # nothing is in flight: a plain close on both legs
-        if self.live:
-            self._schedule()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
-
-    def abort_all(self) -> None:
-        for conn in list(self.live):
-            conn.abort()
 
 
 def _reset(t: asyncio.Transport) -> None:
@@ -237,6 +141,14 @@ class Client(_Side):
     @property
     def service(self) -> str:
         return self.target.name
+
+    @property
+    def half_closed(self) -> bool:
+        return self.eof or (self.backend is not None and self.backend.eof)
+
+    @property
+    def moved(self) -> tuple[int, int]:
+        return self.nbytes, self.backend.nbytes if self.backend is not None else 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
@@ -469,3 +381,17 @@ def client_factory(
     target: Target, registry: Connections, loop: asyncio.AbstractEventLoop
 ) -> Callable[[], Client]:
     return lambda: Client(target, registry, loop)
+
+
+class TransportForwarder:
+    """The forwarding mode of this module: uvloop transports on both legs."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, connections: Connections, backlog: int) -> None:
+        self._loop = loop
+        self.connections = connections
+        self._backlog = backlog
+
+    async def serve(self, sock: socket.socket, target: Target) -> Callable[[], None]:
+        server = await self._loop.create_server(client_factory(target, self.connections, self._loop), sock=sock,
+                                                backlog=self._backlog)
+        return server.close

@@ -33,6 +33,7 @@ import uvloop
 
 from proxy.balancer import Pool
 from proxy.dataplane import drain, tcp
+from proxy.dataplane.connections import Connections, Limits
 from proxy.dataplane.listeners import BACKLOG
 from proxy.dataplane.target import LocalSources, Target
 from proxy.dataplane.traffic import Summaries, Traffic, summarize
@@ -147,16 +148,18 @@ def _close_all(fds: list[int] | collections.deque[int]) -> None:
 class Helper:
     """A helper's data plane: the TCP listeners it was handed and the pools behind them."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, limits: tcp.Limits, drain_timeout: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits, drain_timeout: float) -> None:
         self.loop = loop
         self.outliers = Outliers(clock=loop.time)
-        self.connections = tcp.Connections(limits)
+        self.connections = Connections(limits)
+        # The same backlog: listen() on the shared socket sets it for every process.
+        self.forwarder = tcp.TransportForwarder(loop, self.connections, BACKLOG)
         self.traffic = Traffic()
         self.local_sources = LocalSources()
         self.drained = 0
         self.drain = drain.EndpointDrain(self.connections, drain_timeout, loop=loop, on_drained=self._drained)
         self.pools: dict[PoolKey, Pool] = {}
-        self.listeners: dict[ListenerKey, tuple[Target, asyncio.AbstractServer]] = {}
+        self.listeners: dict[ListenerKey, tuple[Target, Callable[[], None]]] = {}
         self.stopping: asyncio.Future[float] = loop.create_future()
         self._queue: asyncio.Queue[tuple[Any, list[int]]] = asyncio.Queue()
 
@@ -202,7 +205,7 @@ class Helper:
         elif kind == "close":
             entry = self.listeners.pop(args[0], None)
             if entry is not None:
-                entry[1].close()
+                entry[1]()
         elif kind == "local":
             self.local_sources.update(*args)
         elif kind == "synced":
@@ -220,27 +223,25 @@ class Helper:
                         local_traffic_pool=self._local_pool(spec), local_sources=self.local_sources)
         old = self.listeners.pop(spec.key, None)
         if old is not None:
-            old[1].close()
+            old[1]()
         try:
-            # The same backlog: listen() on the shared socket sets it for every process.
-            server = await self.loop.create_server(tcp.client_factory(target, self.connections, self.loop),
-                                                   sock=sock, backlog=BACKLOG)
+            close = await self.forwarder.serve(sock, target)
         except BaseException:
             sock.close()
             raise
-        self.listeners[spec.key] = (target, server)
+        self.listeners[spec.key] = (target, close)
 
     def _local_pool(self, spec: ListenerSpec) -> Pool | None:
         return None if spec.local_traffic_pool is None else self.pools[spec.local_traffic_pool]
 
     def report(self) -> tuple[str, Summaries, int, int]:
-        live = ((c.traffic, c.endpoint_traffic, c.nbytes, c.backend.nbytes if c.backend else 0, 0, 0)
-                for c in self.connections.live if c.traffic is not None)
+        live = ((c.traffic, c.endpoint_traffic, *c.moved, 0, 0) for c in self.connections.live
+                if c.traffic is not None)
         return "stats", summarize(self.traffic, live), len(self.connections.live), self.drained
 
     async def stop(self, drain_seconds: float) -> None:
-        for _, server in self.listeners.values():
-            server.close()
+        for _, close in self.listeners.values():
+            close()
         self.listeners.clear()
         self.drain.close()
         if self.connections.live:
@@ -250,7 +251,7 @@ class Helper:
                 self.connections.abort_all()
 
 
-async def _helper_main(fd: int, limits: tcp.Limits, drain_timeout: float) -> None:
+async def _helper_main(fd: int, limits: Limits, drain_timeout: float) -> None:
     loop = asyncio.get_running_loop()
     helper = Helper(loop, limits, drain_timeout)
     lost: asyncio.Future[None] = loop.create_future()
@@ -310,7 +311,7 @@ class Worker:
 class Workers:
     """The helpers of this process: started, fed, watched and restarted."""
 
-    def __init__(self, count: int, *, limits: tcp.Limits, drain_timeout: float,
+    def __init__(self, count: int, *, limits: Limits, drain_timeout: float,
                  replay: Callable[[Worker], None], on_drained: Callable[[int], None] = lambda n: None) -> None:
         self.count = count
         self._on_drained = on_drained

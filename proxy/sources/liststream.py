@@ -24,6 +24,8 @@ from typing import Any
 _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 _MIN_RETRY = 16 * 1024
+_NUMBER_TAIL = re.compile(r"[0-9.eE+-]*[ \t\n\r]*\Z")
+"""What may follow a number when the buffer ends in it (a match fails at the first delimiter)."""
 
 
 def _skip_ws(s: str, i: int) -> int:
@@ -160,8 +162,9 @@ class ListDecoder:
             # Measured from i: the text before it is dropped when the scan stops here.
             self._retry_at = len(s) - i + max(_MIN_RETRY, len(s) - i)
             return None
-        if end == len(s) and isinstance(value, (int, float)):
-            # A number at the very end may go on in the next chunk ("12" of "123").
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _NUMBER_TAIL.match(s, end):
+            # The buffer ends in or right after a number, which may go on in the next chunk:
+            # "12" of "123", or "1" of "1.5" (the decoder stops before a lone "." or "e").
             self._retry_at = len(s) - i + 1
             return None
         self._error = None

@@ -322,7 +322,8 @@ class _NoDescriptors:
 
 
 async def test_our_own_fd_shortage_is_not_blamed_on_endpoints(caplog: pytest.LogCaptureFixture) -> None:
-    from proxy.dataplane.tcp import Connections, client_factory
+    from proxy.dataplane.connections import Connections
+    from proxy.dataplane.tcp import client_factory
     from proxy.model import Endpoint, Family
 
     loop = asyncio.get_running_loop()
@@ -381,7 +382,8 @@ async def test_a_dead_endpoint_is_ejected_then_comes_back(tmp_path: Path, caplog
 async def test_many_dead_endpoints_cannot_use_up_the_dial_ladder() -> None:
     """Five refused endpoints and one live one: every connection gets through, whichever endpoint
     the round robin starts at (the old ladder gave up after four dials)."""
-    from proxy.dataplane.tcp import Connections, client_factory
+    from proxy.dataplane.connections import Connections
+    from proxy.dataplane.tcp import client_factory
     from proxy.model import Endpoint, Family
 
     loop = asyncio.get_running_loop()
@@ -424,7 +426,8 @@ class _LostOnArrival:
 
 
 async def test_a_backend_lost_before_use_is_replaced_by_another() -> None:
-    from proxy.dataplane.tcp import Connections, client_factory
+    from proxy.dataplane.connections import Connections
+    from proxy.dataplane.tcp import client_factory
     from proxy.model import Endpoint, Family
 
     loop = asyncio.get_running_loop()
@@ -452,7 +455,8 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> No
     collections short, and a cycle frozen would never be freed)."""
     import gc
 
-    from proxy.dataplane.tcp import Client, Connections, _Side, client_factory
+    from proxy.dataplane.connections import Connections
+    from proxy.dataplane.tcp import Client, _Side, client_factory
     from proxy.model import Endpoint, Family
 
     def alive() -> int:

@@ -94,3 +94,10 @@ def test_bad_bodies_are_errors(body: bytes, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         decoder.feed(body)
         decoder.close()
+
+
+@pytest.mark.parametrize("cut", range(1, 40))
+def test_numbers_cut_anywhere(cut: int) -> None:
+    """The decoder stops before a lone "." or "e": "1." must wait for the rest of "1.5e-3"."""
+    body = b'{"items": [1.5e-3, -0.0, 12], "metadata": {"n": 7}}'
+    assert decode(body, [cut]) == ([1.5e-3, -0.0, 12], {"metadata": {"n": 7}})
