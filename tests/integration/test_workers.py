@@ -188,3 +188,44 @@ def _zombie(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+async def test_helpers_apply_source_ranges_and_drain_on_sigterm(tmp_path: Path) -> None:
+    lb_ip = "127.0.0.174"
+    svc = service("wl", VIP, 8133, type="LoadBalancer", loadBalancerSourceRanges=["127.0.0.5/32"])
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": lb_ip, "ipMode": "VIP"}]}}
+    async with servers([(BACKENDS[0], PORT)], lambda ip: Echo()), \
+            svcproxy_process(tmp_path, [svc, endpoint_slice("wl", PORT, BACKENDS[:1])], "--workers", "2") \
+            as (_, main_pid):
+        (helper,) = children(main_pid)
+        os.kill(main_pid, signal.SIGSTOP)  # what follows is the helper's doing alone
+        try:
+            reader, writer = await asyncio.open_connection(lb_ip, 8133, local_addr=("127.0.0.6", 0))
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(reader.read(), 5) == b""  # outside the ranges: refused
+            writer.close()
+            reader, writer = await asyncio.open_connection(lb_ip, 8133, local_addr=("127.0.0.5", 0))
+            writer.write(b"one")
+            assert await asyncio.wait_for(reader.readexactly(3), 5) == b"one"
+        finally:
+            os.kill(main_pid, signal.SIGCONT)
+        # SIGTERM: every process stops accepting, and the helper's open connection runs on.
+        os.kill(main_pid, signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        writer.write(b"two")
+        assert await asyncio.wait_for(reader.readexactly(3), 5) == b"two"
+        writer.close()
+        await eventually(lambda: not os.path.exists(f"/proc/{helper}") or _zombie(helper), timeout=10)
