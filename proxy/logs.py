@@ -50,21 +50,30 @@ class RateLimit(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts (Unix seconds), level, logger, msg, and err with a traceback."""
+    """One JSON object per line: ts (Unix seconds), level, logger, msg, and err with a traceback;
+    ``worker`` in a worker process's lines."""
+
+    def __init__(self, worker: int = 0) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
-        line = {"ts": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
-                "msg": record.getMessage()}
+        line: dict[str, object] = {"ts": round(record.created, 6), "level": record.levelname.lower(),
+                                   "logger": record.name, "msg": record.getMessage()}
+        if self.worker:
+            line["worker"] = self.worker
         if record.exc_info:
             line["err"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
 
 
-def setup(level: int, fmt: str = "text") -> None:
-    """Configure the root logger: stderr, ``fmt`` (text or json), repeated warnings rate-limited."""
+def setup(level: int, fmt: str = "text", worker: int = 0) -> None:
+    """Configure the root logger: stderr, ``fmt`` (text or json), repeated warnings rate-limited;
+    ``worker``: the index of a --workers helper process, named in each line."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s"))
+    where = f" worker {worker}" if worker else ""
+    handler.setFormatter(JsonFormatter(worker) if fmt == "json" else
+                         logging.Formatter(f"%(asctime)s %(levelname).1s{where} %(name)s: %(message)s"))
     handler.addFilter(RateLimit())
     handler.set_name(HANDLER)
     root = logging.getLogger()
@@ -72,6 +81,16 @@ def setup(level: int, fmt: str = "text") -> None:
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def current() -> tuple[int, str]:
+    """The level and format :func:`setup` configured (what a worker process should use too)."""
+    root = logging.getLogger()
+    fmt = "text"
+    for handler in root.handlers:
+        if handler.get_name() == HANDLER and isinstance(handler.formatter, JsonFormatter):
+            fmt = "json"
+    return root.getEffectiveLevel(), fmt
 
 
 def remove() -> None:

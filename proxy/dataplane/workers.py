@@ -31,6 +31,7 @@ from typing import Any
 
 import uvloop
 
+from proxy import logs
 from proxy.balancer import Pool
 from proxy.dataplane import drain, tcp
 from proxy.dataplane.connections import Connections, Limits
@@ -284,8 +285,8 @@ async def _helper_main(fd: int, limits: Limits, drain_timeout: float) -> None:
 
 
 def helper_entry(argv: Sequence[str]) -> int:
-    """``python -m proxy.dataplane.workers FD LIMITS DRAIN``: what each helper process runs."""
-    logging.basicConfig(level=logging.INFO, format=f"worker {os.getpid()}: %(levelname)s %(message)s")
+    """``python -m proxy.dataplane.workers FD LIMITS DRAIN INDEX LEVEL FORMAT``: what each helper runs."""
+    logs.setup(int(argv[4]), argv[5], worker=int(argv[3]))
     limits = pickle.loads(bytes.fromhex(argv[1]))
     uvloop.run(_helper_main(int(argv[0]), limits, float(argv[2])))
     return 0
@@ -333,7 +334,8 @@ class Workers:
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "proxy.dataplane.workers", str(child.fileno()),
-                pickle.dumps(self._limits).hex(), repr(self._drain_timeout), pass_fds=(child.fileno(),),
+                pickle.dumps(self._limits).hex(), repr(self._drain_timeout), str(index), *map(str, logs.current()),
+                pass_fds=(child.fileno(),),
                 env={**os.environ, "UV_TCP_SINGLE_ACCEPT": "1"})
         finally:
             child.close()

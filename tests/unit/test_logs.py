@@ -51,3 +51,24 @@ def test_json_lines() -> None:
         r = logging.LogRecord("proxy.app", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
     line = json.loads(JsonFormatter().format(r))
     assert "ValueError: boom" in line["err"] and "\n" not in JsonFormatter().format(r)
+
+
+def test_worker_processes_log_as_their_parent_does_and_say_which_they_are() -> None:
+    from proxy import logs
+
+    record = logging.LogRecord("proxy.dataplane.tcp", logging.WARNING, __file__, 1, "cannot dial %s", ("x",), None)
+    try:
+        logs.setup(logging.INFO, "json")
+        assert logs.current() == (logging.INFO, "json")
+        logs.setup(logging.INFO, "json", worker=2)
+        handler = next(h for h in logging.getLogger().handlers if h.get_name() == logs.HANDLER)
+        assert handler.formatter is not None
+        assert json.loads(handler.formatter.format(record))["worker"] == 2
+        logs.setup(logging.DEBUG, "text", worker=3)
+        assert logs.current() == (logging.DEBUG, "text")
+        handler = next(h for h in logging.getLogger().handlers if h.get_name() == logs.HANDLER)
+        assert handler.formatter is not None
+        assert " worker 3 proxy.dataplane.tcp: cannot dial x" in handler.formatter.format(record)
+    finally:
+        logs.remove()
+        logging.getLogger().setLevel(logging.WARNING)
