@@ -21,7 +21,7 @@ from proxy.dataplane.traffic import Address, Live, Traffic
 from proxy.dataplane.vip import Vips
 from proxy.dataplane.workers import Worker, Workers
 from proxy.health import ProxierHealth
-from proxy.model import ServicePortName
+from proxy.model import Endpoint, ServicePortName
 from proxy.outliers import Outliers
 from proxy.plan import ListenerKey, ListenerSpec, Node, Plan, PoolKey, Table, pool_keys
 from proxy.tracker import ChangeTracker
@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 NODE_REFRESH = 5.0
 """Seconds between reads of the node's addresses (for nodePorts and local-traffic detection)."""
+POOLS_PER_MESSAGE = 500
+"""Pools per message to the worker processes (a slice the data loop pickles between pauses)."""
 AFFINITY_SWEEP = 10.0
 """Seconds between sweeps of expired ClientIP affinities (lookups check expiry themselves)."""
 
@@ -240,6 +242,8 @@ class Proxier:
             return
         if plan.add_vips:
             await self.vips.sync(self.table.vips)
+        # Helpers get the pools in slices: pickling 10,000 at once held this loop for 300 ms.
+        batch: dict[PoolKey, tuple[tuple[Endpoint, ...], int]] = {}
         for pool_key, pool_spec in plan.pools.items():
             pool = self.pools.get(pool_key)
             rot = prepared.get(pool_key)
@@ -250,9 +254,14 @@ class Proxier:
                 )
             else:
                 pool.install(rot, pool_spec.affinity_timeout)
+            if self.workers is not None:
+                batch[pool_key] = (pool_spec.endpoints, pool_spec.affinity_timeout)
+                if len(batch) >= POOLS_PER_MESSAGE:
+                    self._post("pools", batch)
+                    batch = {}
             await turn.pause()
-        if plan.pools:
-            self._post("pools", {key: (spec.endpoints, spec.affinity_timeout) for key, spec in plan.pools.items()})
+        if batch:
+            self._post("pools", batch)
         for spec in plan.retarget:
             listener = self.listeners.open.get(spec.key)
             if listener is None:
