@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Collection, Iterable
-from typing import Any
+from collections.abc import Callable, Collection, Iterable
+from typing import Any, TypeVar
 
 from proxy.model import Endpoint, ServicePortName
 
@@ -90,12 +90,7 @@ class ServiceTraffic(Counts):
 
     def endpoint(self, ep: Endpoint) -> EndpointTraffic:
         key = (ep.ip, ep.port)
-        counts = self.endpoints.get(key)
-        if counts is None:
-            counts = self.endpoints[key] = EndpointTraffic(self, key)
-        else:
-            counts.retired = False
-        return counts
+        return _take(self.endpoints, key, lambda: EndpointTraffic(self, key))
 
     def connected(self, ep: Endpoint, seconds: float) -> EndpointTraffic:
         """A connection reached ``ep`` ``seconds`` after it was accepted (retries included)."""
@@ -128,18 +123,12 @@ class ServiceTraffic(Counts):
             self._registry.drop(self)
 
     def drop_endpoint(self, counts: EndpointTraffic) -> None:
-        if self.endpoints.get(counts.address) is counts:
-            del self.endpoints[counts.address]
+        _drop(self.endpoints, counts.address, counts)
 
     def prune(self, current: Collection[Address]) -> None:
         """Forget endpoints no longer in any of this port's pools (once their connections end)."""
-        for key, counts in list(self.endpoints.items()):
-            if key in current:
-                continue
-            if counts.active:
-                counts.retired = True
-            else:
-                del self.endpoints[key]
+        for key in [k for k in self.endpoints if k not in current]:
+            _retire(self.endpoints, key)
 
 
 class Traffic:
@@ -149,12 +138,7 @@ class Traffic:
         self.services: dict[ServicePortName, ServiceTraffic] = {}
 
     def service(self, name: ServicePortName) -> ServiceTraffic:
-        counts = self.services.get(name)
-        if counts is None:
-            counts = self.services[name] = ServiceTraffic(name, self)
-        else:
-            counts.retired = False
-        return counts
+        return _take(self.services, name, lambda: ServiceTraffic(name, self))
 
     def prune(self, name: ServicePortName, current: Collection[Address] | None) -> None:
         """After a sync changed ``name``'s pools: ``current`` is the endpoints it still has, None
@@ -164,14 +148,37 @@ class Traffic:
             return
         counts.prune(current or ())
         if current is None:
-            if counts.active:
-                counts.retired = True
-            else:
-                del self.services[name]
+            _retire(self.services, name)
 
     def drop(self, counts: ServiceTraffic) -> None:
-        if self.services.get(counts.name) is counts:
-            del self.services[counts.name]
+        _drop(self.services, counts.name, counts)
+
+
+K = TypeVar("K")
+C = TypeVar("C", bound=Counts)
+
+
+def _take(table: dict[K, C], key: K, make: Callable[[], C]) -> C:
+    """The counts under ``key``, made on first use; counts retired but still there are kept."""
+    counts = table.get(key)
+    if counts is None:
+        counts = table[key] = make()
+    else:
+        counts.retired = False
+    return counts
+
+
+def _retire(table: dict[K, C], key: K) -> None:
+    """``key`` left the routing table: forget it now, or when its last connection ends."""
+    if table[key].active:
+        table[key].retired = True
+    else:
+        del table[key]
+
+
+def _drop(table: dict[K, C], key: K, counts: C) -> None:
+    if table.get(key) is counts:  # not a newer one made under the same key
+        del table[key]
 
 
 @dataclasses.dataclass

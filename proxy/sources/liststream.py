@@ -45,6 +45,20 @@ class _At(enum.Enum):
     DONE = enum.auto()
 
 
+_PUNCTUATION = {
+    (_At.START, "{"): _At.FIRST_KEY,
+    (_At.FIRST_KEY, "}"): _At.DONE,
+    (_At.AFTER_VALUE, "}"): _At.DONE,
+    (_At.AFTER_VALUE, ","): _At.KEY,
+    (_At.FIRST_ITEM, "]"): _At.AFTER_VALUE,
+    (_At.AFTER_ITEM, "]"): _At.AFTER_VALUE,
+    (_At.AFTER_ITEM, ","): _At.ITEM,
+}
+"""The structural characters each place allows, and where each leads."""
+_EXPECTED = {_At.START: "a JSON object", _At.AFTER_VALUE: "',' or '}'", _At.AFTER_ITEM: "',' or ']'"}
+"""Places where only punctuation may come."""
+
+
 class ListDecoder:
     """Feed it the body's bytes; each :meth:`feed` returns the items completed so far."""
 
@@ -97,19 +111,12 @@ class ListDecoder:
             if i >= n or self._at is _At.DONE:
                 break
             c, at = s[i], self._at
-            if at is _At.START:
-                if c != "{":
-                    raise ValueError("list response is not a JSON object")
+            step = _PUNCTUATION.get((at, c))
+            if step is not None:
                 i += 1
-                self._at = _At.FIRST_KEY
-            elif at in (_At.FIRST_KEY, _At.AFTER_VALUE) and c == "}":
-                i += 1
-                self._at = _At.DONE
-            elif at is _At.AFTER_VALUE:
-                if c != ",":
-                    raise ValueError(f"list response: expected ',' or '}}' at {i}")
-                i += 1
-                self._at = _At.KEY
+                self._at = step
+            elif at in _EXPECTED:
+                raise ValueError(f"list response: expected {_EXPECTED[at]} at {i}")
             elif at in (_At.FIRST_KEY, _At.KEY):
                 decoded = self._value(s, i)
                 if decoded is None:
@@ -135,14 +142,6 @@ class ListDecoder:
                     break
                 self.fields[self._key], i = decoded
                 self._at = _At.AFTER_VALUE
-            elif at in (_At.FIRST_ITEM, _At.AFTER_ITEM) and c == "]":
-                i += 1
-                self._at = _At.AFTER_VALUE
-            elif at is _At.AFTER_ITEM:
-                if c != ",":
-                    raise ValueError(f"list response: expected ',' or ']' at {i}")
-                i += 1
-                self._at = _At.ITEM
             else:  # FIRST_ITEM or ITEM: an item
                 decoded = self._value(s, i)
                 if decoded is None:

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from proxy.app import App
 from tests.integration.harness import (
     ask,
@@ -229,3 +231,29 @@ async def test_helpers_apply_source_ranges_and_drain_on_sigterm(tmp_path: Path) 
         assert await asyncio.wait_for(reader.readexactly(3), 5) == b"two"
         writer.close()
         await eventually(lambda: not os.path.exists(f"/proc/{helper}") or _zombie(helper), timeout=10)
+
+
+async def test_pools_go_to_the_helpers_in_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thousands of pools are not pickled in one message (it held the data loop 300 ms at 10,000)."""
+    from proxy import proxier as proxier_module
+
+    monkeypatch.setattr(proxier_module, "POOLS_PER_MESSAGE", 2)
+    async with servers([(BACKENDS[0], PORT)]), running_proxy(tmp_path, [], workers=2) as app:
+        assert app.proxier is not None and app.proxier.workers is not None
+        sent: list[dict[Any, Any]] = []
+        post = app.proxier.workers.post
+
+        def record(message: tuple[Any, ...], fds: Any = ()) -> None:
+            if message[0] == "pools":
+                sent.append(message[1])
+            post(message, fds)
+
+        monkeypatch.setattr(app.proxier.workers, "post", record)
+        objs = []
+        for i in range(5):
+            objs += [service(f"ws{i}", f"127.0.0.{180 + i}", 8134), endpoint_slice(f"ws{i}", PORT, BACKENDS[:1])]
+        write_manifests(tmp_path / "svc.yaml", objs)
+        await eventually(lambda: sum(map(len, sent)) >= 5, timeout=5)
+        assert max(map(len, sent)) <= 2
+        assert {key.name.name for part in sent for key in part} == {f"ws{i}" for i in range(5)}
+        assert set(await asyncio.gather(*(ask(f"127.0.0.{180 + i}", 8134) for i in range(5)))) == {BACKENDS[0]}

@@ -82,7 +82,7 @@ def test_a_huge_item_is_not_reparsed_on_every_chunk(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.parametrize("body, message", [
-    (b'[{"a": 1}]', "not a JSON object"),
+    (b'[{"a": 1}]', "expected a JSON object"),
     (b'{"items": {"a": 1}}', "items is not a list"),
     (b'{"kind": "List"}', "no items"),
     (b'{"items": [{"a": 1}', "ended before the list did"),
