@@ -181,6 +181,7 @@ class App:
                               idle_timeout=s.tcp_idle_timeout, half_closed_timeout=s.tcp_half_closed_timeout,
                               dial_timeouts=s.dial_timeouts, keepalive=s.tcp_keepalive),
             workers=s.worker_count(),
+            mode=s.forwarding,
         )
         await self.proxier.start_workers()
         proxier = self.proxier

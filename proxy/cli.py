@@ -13,6 +13,7 @@ from pathlib import Path
 import uvloop
 
 from proxy import app, config, logs
+from proxy.dataplane.connections import MODES
 from proxy.settings import Settings, SettingsError
 
 
@@ -75,6 +76,9 @@ def daemon_parser() -> argparse.ArgumentParser:
                    "limit, two descriptors each; 0: no limit)")
     p.add_argument("--workers", type=int, default=Settings.workers,
                    help="processes that forward TCP, sharing every listener (default 1; 0: one per CPU)")
+    p.add_argument("--forwarding", choices=MODES, default=Settings.forwarding,
+                   help="how TCP bytes are moved: transports (uvloop's), sockets (bare sockets, a leaner "
+                   "connect path) or splice (sockets, bulk transfers spliced in the kernel); default transports")
     p.add_argument("--max-connections-per-service", type=int, default=Settings.max_connections_per_service,
                    help="proxied TCP connections per service port (default 0: no limit)")
     p.add_argument("--tcp-idle-timeout", type=_duration, default=Settings.tcp_idle_timeout,
@@ -126,6 +130,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_connections=args.max_connections,
         max_connections_per_service=args.max_connections_per_service,
         workers=args.workers,
+        forwarding=args.forwarding,
         tcp_idle_timeout=args.tcp_idle_timeout,
         tcp_half_closed_timeout=args.tcp_half_closed_timeout,
         tcp_keepalive=args.tcp_keepalive,

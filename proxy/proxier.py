@@ -11,11 +11,11 @@ from typing import Any, TypeVar
 
 from proxy import metrics
 from proxy.balancer import Pool, Rotation, rotation
-from proxy.dataplane import drain, tcp, udp
+from proxy.dataplane import drain, forwarding, udp
 from proxy.dataplane.connections import Connections, Limits
 from proxy.dataplane.guard import VipGuard
 from proxy.dataplane.healthcheck import ServiceHealthServers
-from proxy.dataplane.listeners import BACKLOG, Listeners
+from proxy.dataplane.listeners import Listeners
 from proxy.dataplane.target import LocalSources, Target
 from proxy.dataplane.traffic import Address, Live, Traffic
 from proxy.dataplane.vip import Vips
@@ -80,6 +80,7 @@ class Proxier:
         endpoint_drain_timeout: float = 0.0,
         limits: Limits | None = None,
         workers: int = 1,
+        mode: str = "transports",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tracker = tracker
@@ -93,7 +94,7 @@ class Proxier:
         self.outliers = Outliers(clock=clock)
         self.connections = Connections(limits)
         self.traffic = Traffic()
-        self.listeners = Listeners(loop, tcp.TransportForwarder(loop, self.connections, BACKLOG),
+        self.listeners = Listeners(loop, forwarding.forwarder(mode, loop, self.connections, shared=workers > 1),
                                    udp_idle_timeout=udp_idle_timeout)
         self.drain = drain.EndpointDrain(self.connections, endpoint_drain_timeout, loop=loop,
                                          on_drained=metrics.endpoint_drained.inc)
@@ -111,8 +112,8 @@ class Proxier:
         """What each open listener serves (data loop side; the routing table view reads it)."""
         self._unsupported_logged: set[str] = set()
         self.workers = None if workers <= 1 else Workers(
-            workers, limits=self.connections.limits, drain_timeout=endpoint_drain_timeout, replay=self._replay,
-            on_drained=metrics.endpoint_drained.inc)
+            workers, limits=self.connections.limits, mode=mode, drain_timeout=endpoint_drain_timeout,
+            replay=self._replay, on_drained=metrics.endpoint_drained.inc)
         """Helper processes that accept from the same TCP listeners (--workers)."""
 
     async def start_workers(self) -> None:

@@ -11,6 +11,7 @@ import urllib.parse
 from pathlib import Path
 
 from proxy.dataplane import udp, vip
+from proxy.dataplane.connections import MODES
 
 
 class SettingsError(ValueError):
@@ -81,6 +82,10 @@ class Settings:
     """Processes that forward TCP (proxy/dataplane/workers.py): 1 = the main process alone; N > 1
     adds N-1 helpers that accept from the same listening sockets; 0 = one per CPU this process may
     use. UDP, health checks and metrics stay in the main process."""
+    forwarding: str = "transports"
+    """How TCP bytes are moved (connections.MODES): ``transports`` (uvloop's, tcp.py), ``sockets``
+    (bare sockets on an epoll of svcproxy's own, relay.py) or ``splice`` (sockets, with bulk
+    transfers spliced in the kernel)."""
     endpoint_drain_timeout: float = 0.0
     """Connections to an endpoint that left its pool (deleted, not ready, terminating) are reset
     after this long; 0 = never (kube-proxy leaves established connections alone)."""
@@ -141,6 +146,8 @@ class Settings:
             raise SettingsError(f"--logging-format: {self.logging_format!r} is neither text nor json")
         if not 0 <= self.workers <= 64:
             raise SettingsError(f"--workers: {self.workers} is not between 0 (one per CPU) and 64")
+        if self.forwarding not in MODES:
+            raise SettingsError(f"--forwarding: {self.forwarding!r} is not one of {', '.join(MODES)}")
         if self.udp_idle_timeout <= 0:
             raise SettingsError("--udp-idle-timeout must be positive")
         if self.sync_period <= 0:

@@ -1,6 +1,7 @@
 """The seam between listeners and the ways of forwarding a TCP connection.
 
-A forwarding mode (today: uvloop transports on both legs, ``tcp.py``) provides a
+A forwarding mode (uvloop transports on both legs, ``tcp.py``; bare sockets on an epoll of its own,
+optionally splicing, ``relay.py``) provides a
 :class:`Forwarder`, which serves a bound listening socket, and registers each connection it
 forwards in :class:`Connections`: the limits, the idle and half-closed sweeps, endpoint drain,
 the traffic metrics, the routing table and the shutdown drain all work on what a
@@ -12,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import errno
 import logging
 import socket
+import struct
 from collections.abc import Callable
 from typing import Protocol
 
@@ -25,6 +28,25 @@ from proxy.model import Endpoint
 logger = logging.getLogger(__name__)
 
 DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
+"""Dial errors that are this node's shortage (descriptors, memory, ephemeral ports), not the endpoint's."""
+ERROR_REASONS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout", errno.ECONNRESET: "reset",
+                 errno.EHOSTUNREACH: "unreachable", errno.ENETUNREACH: "unreachable"}
+"""How a failed dial is counted (``svcproxy_endpoint_connect_errors_total``); anything else is "other"."""
+LINGER_RESET = struct.pack("ii", 1, 0)
+"""SO_LINGER on, 0 s: close() sends a RST, even when nothing is unread (a plain close sends a FIN)."""
+MODES = ("transports", "sockets", "splice")
+"""The forwarding modes (``--forwarding``): tcp.py's transports, relay.py's sockets, and relay.py
+with splice(2) for bulk transfers."""
+
+
+def set_keepalive(sock: socket.socket, idle: float) -> None:
+    """Probe after ``idle`` quiet seconds, then every idle/3, and give up after 3 misses (so a
+    dead peer is noticed within about twice ``idle``)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(idle / 3)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 class Connection(Protocol):
@@ -52,6 +74,10 @@ class Connection(Protocol):
     def moved(self) -> tuple[int, int]:
         """Bytes received so far from the client and from the endpoint."""
 
+    @property
+    def buffered(self) -> int:
+        """Bytes the proxy holds for either socket that it has not taken yet."""
+
     def finish(self) -> None:
         """Close both legs cleanly (buffered bytes still go out)."""
 
@@ -62,6 +88,9 @@ class Connection(Protocol):
 
     def pools(self) -> tuple[Pool, ...]:
         """The pools its endpoint may belong to."""
+
+    def sockets(self) -> list[socket.socket]:
+        """Its open sockets, the client's first (to inspect their options)."""
 
 
 class Forwarder(Protocol):

@@ -18,28 +18,20 @@ Built on ``asyncio.Protocol`` callbacks (no streams, no per-chunk coroutines):
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
-import struct
 import time
 from collections.abc import Callable
 from typing import cast
 
 from proxy.balancer import Pool
-from proxy.dataplane.connections import Connections
+from proxy.dataplane.connections import ERROR_REASONS, LINGER_RESET, LOCAL_ERRNOS, Connections, set_keepalive
 from proxy.dataplane.target import Target
 from proxy.dataplane.traffic import EndpointTraffic, ServiceTraffic
 from proxy.model import Endpoint
 
 logger = logging.getLogger(__name__)
 
-LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
-"""Dial errors that are this node's shortage (descriptors, memory, ephemeral ports), not the endpoint's."""
-_ERROR_REASONS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout", errno.ECONNRESET: "reset",
-                  errno.EHOSTUNREACH: "unreachable", errno.ENETUNREACH: "unreachable"}
-"""How a failed dial is counted (``svcproxy_endpoint_connect_errors_total``); anything else is "other"."""
-_LINGER_RESET = struct.pack("ii", 1, 0)
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 
@@ -49,20 +41,14 @@ def _reset(t: asyncio.Transport) -> None:
     has sent nothing yet (an abort alone would send a FIN then)."""
     sock = t.get_extra_info("socket")
     if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     t.abort()
 
 
 def _keepalive(t: asyncio.Transport, idle: float) -> None:
-    """Probe after ``idle`` quiet seconds, then every idle/3, and give up after 3 misses (so a
-    dead peer is noticed within about twice ``idle``)."""
     sock = t.get_extra_info("socket")
-    if sock is None:
-        return
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(idle / 3)))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    if sock is not None:
+        set_keepalive(sock, idle)
 
 
 class _Side(asyncio.Protocol):
@@ -150,6 +136,11 @@ class Client(_Side):
     def moved(self) -> tuple[int, int]:
         return self.nbytes, self.backend.nbytes if self.backend is not None else 0
 
+    @property
+    def buffered(self) -> int:
+        return sum(side.transport.get_write_buffer_size() for side in (self, self.backend)
+                   if side is not None and side.transport is not None) + sum(map(len, self._early))
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = t = cast(asyncio.Transport, transport)
@@ -232,7 +223,7 @@ class Client(_Side):
                         _reset(self.transport)
                     return
                 logger.debug("%s: dial %s:%d failed: %r", self.target.name, ep.ip, ep.port, e)
-                traffic.connect_failed(ep, _ERROR_REASONS.get(e.errno or 0, "other"))
+                traffic.connect_failed(ep, ERROR_REASONS.get(e.errno or 0, "other"))
                 failed.append(ep)
                 if pool.outliers is not None:
                     pool.outliers.failed(ep)
@@ -370,6 +361,10 @@ class Client(_Side):
                 _reset(side.transport)
         if self._dial is not None:
             self._dial.cancel()
+
+    def sockets(self) -> list[socket.socket]:
+        return [side.transport.get_extra_info("socket") for side in (self, self.backend)
+                if side is not None and side.transport is not None]
 
     def pools(self) -> tuple[Pool, ...]:
         """The pools this connection's endpoint may belong to (eTP Local frontends have two)."""

@@ -33,9 +33,8 @@ import uvloop
 
 from proxy import logs
 from proxy.balancer import Pool
-from proxy.dataplane import drain, tcp
+from proxy.dataplane import drain, forwarding
 from proxy.dataplane.connections import Connections, Limits
-from proxy.dataplane.listeners import BACKLOG
 from proxy.dataplane.target import LocalSources, Target
 from proxy.dataplane.traffic import Summaries, Traffic, summarize
 from proxy.outliers import Outliers
@@ -149,12 +148,13 @@ def _close_all(fds: list[int] | collections.deque[int]) -> None:
 class Helper:
     """A helper's data plane: the TCP listeners it was handed and the pools behind them."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits, drain_timeout: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits, drain_timeout: float,
+                 mode: str = "transports") -> None:
         self.loop = loop
         self.outliers = Outliers(clock=loop.time)
         self.connections = Connections(limits)
         # The same backlog: listen() on the shared socket sets it for every process.
-        self.forwarder = tcp.TransportForwarder(loop, self.connections, BACKLOG)
+        self.forwarder = forwarding.forwarder(mode, loop, self.connections, shared=True)
         self.traffic = Traffic()
         self.local_sources = LocalSources()
         self.drained = 0
@@ -252,9 +252,9 @@ class Helper:
                 self.connections.abort_all()
 
 
-async def _helper_main(fd: int, limits: Limits, drain_timeout: float) -> None:
+async def _helper_main(fd: int, limits: Limits, drain_timeout: float, mode: str) -> None:
     loop = asyncio.get_running_loop()
-    helper = Helper(loop, limits, drain_timeout)
+    helper = Helper(loop, limits, drain_timeout, mode)
     lost: asyncio.Future[None] = loop.create_future()
 
     def on_lost() -> None:  # the parent is gone: nobody will say stop
@@ -285,10 +285,10 @@ async def _helper_main(fd: int, limits: Limits, drain_timeout: float) -> None:
 
 
 def helper_entry(argv: Sequence[str]) -> int:
-    """``python -m proxy.dataplane.workers FD LIMITS DRAIN INDEX LEVEL FORMAT``: what each helper runs."""
-    logs.setup(int(argv[4]), argv[5], worker=int(argv[3]))
+    """``python -m proxy.dataplane.workers FD LIMITS DRAIN MODE INDEX LEVEL FORMAT``: what each helper runs."""
+    logs.setup(int(argv[5]), argv[6], worker=int(argv[4]))
     limits = pickle.loads(bytes.fromhex(argv[1]))
-    uvloop.run(_helper_main(int(argv[0]), limits, float(argv[2])))
+    uvloop.run(_helper_main(int(argv[0]), limits, float(argv[2]), argv[3]))
     return 0
 
 
@@ -312,11 +312,12 @@ class Worker:
 class Workers:
     """The helpers of this process: started, fed, watched and restarted."""
 
-    def __init__(self, count: int, *, limits: Limits, drain_timeout: float,
+    def __init__(self, count: int, *, limits: Limits, drain_timeout: float, mode: str = "transports",
                  replay: Callable[[Worker], None], on_drained: Callable[[int], None] = lambda n: None) -> None:
         self.count = count
         self._on_drained = on_drained
         self._limits = limits
+        self._mode = mode
         self._drain_timeout = drain_timeout
         self._replay = replay
         self.workers: dict[int, Worker] = {}
@@ -334,7 +335,8 @@ class Workers:
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "proxy.dataplane.workers", str(child.fileno()),
-                pickle.dumps(self._limits).hex(), repr(self._drain_timeout), str(index), *map(str, logs.current()),
+                pickle.dumps(self._limits).hex(), repr(self._drain_timeout), self._mode, str(index),
+                *map(str, logs.current()),
                 pass_fds=(child.fileno(),),
                 env={**os.environ, "UV_TCP_SINGLE_ACCEPT": "1"})
         finally:

@@ -15,6 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.app import App
 from proxy.settings import Settings
 
+forwarding = "transports"
+"""The forwarding mode running_proxy uses (the ``each_forwarding`` fixture runs a test in each)."""
+
 
 def service(name: str, cluster_ip: str, port: int, *, node_port: int = 0, ns: str = "default",
             **spec: Any) -> dict[str, Any]:
@@ -56,7 +59,8 @@ async def running_proxy(directory: Path, objects: Sequence[dict[str, Any]] = (),
     settings = Settings(**{
         "manifests": directory, "hostname_override": "node-a", "nodeport_addresses": ("127.0.0.1/32",),
         "healthz_bind_address": "127.0.0.1:0", "metrics_bind_address": "127.0.0.1:0",
-        "vip_interface": "lo", "manifest_poll_interval": 0.1, "drain_timeout": 1.0, **overrides,
+        "vip_interface": "lo", "manifest_poll_interval": 0.1, "drain_timeout": 1.0, "forwarding": forwarding,
+        **overrides,
     }).validate()
     app = App(settings)
     await app.start()

@@ -6,10 +6,14 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+import pytest
+
 from proxy.app import App
 from proxy.settings import Settings
 from tests.integration.harness import endpoint_slice, refused, servers, service, write_manifests
 from tests.integration.test_forwarding import ReplyAfterEof
+
+pytestmark = pytest.mark.usefixtures("each_forwarding")
 
 VIP = "127.0.0.170"
 BACKEND = "127.0.0.171"

@@ -10,6 +10,8 @@ import pytest
 
 from tests.integration.harness import endpoint_slice, eventually, running_proxy, servers, service, write_manifests
 
+pytestmark = pytest.mark.usefixtures("each_forwarding")
+
 VIP = "127.0.0.190"
 BACKENDS = ["127.0.0.191", "127.0.0.192"]
 PORT = 18190

@@ -61,7 +61,7 @@ async def live_connections(port: int) -> float | None:
 
 
 @pytest.mark.parametrize("limit", ["0", "default"])
-async def test_out_of_descriptors(tmp_path: Path, limit: str) -> None:
+async def test_out_of_descriptors(tmp_path: Path, limit: str, each_forwarding: str) -> None:
     (tmp_path / "svc.yaml").write_text(yaml.safe_dump_all([service("fds", VIP, PORT),
                                                            endpoint_slice("fds", PORT, [BACKEND])]))
     loop = asyncio.get_running_loop()
@@ -70,7 +70,7 @@ async def test_out_of_descriptors(tmp_path: Path, limit: str) -> None:
     args = [sys.executable, "-m", "proxy", "--manifests", str(tmp_path), "--hostname-override", "node-a",
             "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", f"127.0.0.1:{metrics_port}",
             "--vip-interface", "lo",
-            "--nodeport-addresses", "127.0.0.1/32"]
+            "--nodeport-addresses", "127.0.0.1/32", "--forwarding", each_forwarding]
     if limit == "0":
         args += ["--max-connections", "0"]  # nothing holds it back: it really runs out
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True,

@@ -181,16 +181,17 @@ def handover_name() -> str:
     return f"@svcproxy-test-{os.getpid()}-{time.monotonic_ns()}"
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-async def test_restart_with_identical_flags_loses_nothing(tmp: Path, workers: str) -> None:
+@pytest.mark.parametrize(("workers", "mode"), [("1", "transports"), ("2", "transports"), ("1", "sockets"),
+                                               ("2", "sockets")])
+async def test_restart_with_identical_flags_loses_nothing(tmp: Path, workers: str, mode: str) -> None:
     name = handover_name()
     async with backend():
-        old = Proxy(tmp, "old", name, "--workers", workers)
+        old = Proxy(tmp, "old", name, "--workers", workers, "--forwarding", mode)
         await old.wait_ready()
         load = Load()
         load.start()
         await asyncio.sleep(1.0)
-        new = Proxy(tmp, "new", name, "--workers", workers)
+        new = Proxy(tmp, "new", name, "--workers", workers, "--forwarding", mode)
         await new.wait_ready()
         await asyncio.sleep(0.5)
         old.proc.send_signal(signal.SIGTERM)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from proxy.app import App
+from tests.integration import harness
 from tests.integration.harness import (
     ask,
     endpoint_slice,
@@ -29,6 +30,8 @@ from tests.integration.harness import (
     write_manifests,
 )
 from tests.integration.test_udp import client, echo_servers, exchange, udp_service, udp_slice
+
+pytestmark = pytest.mark.usefixtures("each_forwarding")
 
 VIP = "127.0.0.170"
 BACKENDS = ["127.0.0.171", "127.0.0.172"]
@@ -71,7 +74,7 @@ async def svcproxy_process(tmp: Path, objs: list[dict[str, Any]], *extra: str
             [sys.executable, "-m", "proxy", "--manifests", str(tmp / "m"), "--hostname-override", "node-a",
              "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", f"127.0.0.1:{metrics_port}",
              "--vip-interface", "lo", "--nodeport-addresses", "127.0.0.1/32", "--handover-socket", "",
-             "--ready-file", str(ready), "--drain-timeout", "2s", *extra],
+             "--ready-file", str(ready), "--drain-timeout", "2s", "--forwarding", harness.forwarding, *extra],
             cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT)
     try:
         await eventually(ready.exists, timeout=20)
