@@ -35,6 +35,7 @@ from .procs import MachineCpu, Supervisor, tcp_counters
 from .targets import (
     NEEDS,
     TARGETS,
+    WORKING_TREE,
     SvcproxyBase,
     Target,
     TargetError,
@@ -285,7 +286,7 @@ def plan_targets(args: argparse.Namespace) -> tuple[dict[str, dict[str, str]], l
             lacking.append("libnginx-mod-stream")
         if lacking:
             info.update(status="skipped", reason=f"missing {', '.join(lacking)}")
-        if name in ("svcproxy", "svcproxy-w2"):
+        if name in WORKING_TREE:
             cmd, where = find_svcproxy(REPO, args.svcproxy_cmd)
             problem = check_svcproxy(cmd, REPO) if cmd else None
             if cmd is None:

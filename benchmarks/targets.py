@@ -299,6 +299,30 @@ class Svcproxy2(Svcproxy):
     extra = ("--workers", "2")
 
 
+class SvcproxySockets(Svcproxy):
+    """svcproxy forwarding on bare sockets (``--forwarding sockets``)."""
+
+    name, label = "svcproxy-sockets", "svcproxy (--forwarding sockets)"
+    host = "127.0.0.23"
+    extra = ("--forwarding", "sockets")
+
+
+class SvcproxySplice(Svcproxy):
+    """svcproxy splicing bulk transfers in the kernel (``--forwarding splice``)."""
+
+    name, label = "svcproxy-splice", "svcproxy (--forwarding splice)"
+    host = "127.0.0.24"
+    extra = ("--forwarding", "splice")
+
+
+class SvcproxySockets2(Svcproxy):
+    """``--forwarding sockets --workers 2``."""
+
+    name, label = "svcproxy-sockets-w2", "svcproxy (--forwarding sockets --workers 2)"
+    host = "127.0.0.25"
+    extra = ("--forwarding", "sockets", "--workers", "2")
+
+
 class SvcproxyBase(Svcproxy):
     """svcproxy as of another git revision (``--svcproxy-base REV``), on its own address, measured
     beside the working tree's: a change's cost, read from one run."""
@@ -308,12 +332,16 @@ class SvcproxyBase(Svcproxy):
 
 
 TARGETS: dict[str, type[Target]] = {
-    t.name: t for t in (Direct, HAProxy, HAProxy2, NginxStream, Dnat, Svcproxy, Svcproxy2, SvcproxyBase)}
+    t.name: t for t in (Direct, HAProxy, HAProxy2, NginxStream, Dnat, Svcproxy, Svcproxy2, SvcproxySockets,
+                        SvcproxySplice, SvcproxySockets2, SvcproxyBase)}
+WORKING_TREE = frozenset(name for name, cls in TARGETS.items() if issubclass(cls, Svcproxy) and cls is not SvcproxyBase)
+"""The targets that run this working tree's svcproxy, each with its own flags."""
 
 
 def make(name: str, sup: Supervisor, workdir: Path, plan: dict[str, Any]) -> Target:
-    if name in (Svcproxy.name, Svcproxy2.name):
-        cls = Svcproxy2 if name == Svcproxy2.name else Svcproxy
+    if name in WORKING_TREE:
+        cls = TARGETS[name]
+        assert issubclass(cls, Svcproxy)
         return cls(sup, workdir, plan.get("svcproxy_cmd") or [])
     if name == SvcproxyBase.name:
         base = plan.get("svcproxy_base") or {}

@@ -88,7 +88,7 @@ def run_sink(listen: str, max_seconds: float) -> None:
     while time.monotonic() < deadline:
         try:
             c, _ = srv.accept()
-        except (socket.timeout, OSError):
+        except (TimeoutError, OSError):
             continue
         c.settimeout(None)
         threading.Thread(target=drain, args=(c,), daemon=True).start()

@@ -52,6 +52,7 @@ userspace can ``recv()`` it.  ``on_miss="drop"`` returns the helper's value.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -299,10 +300,8 @@ class SockHashSplicer:
     def close(self) -> None:
         for fd in (getattr(self, "prog_fd", -1), self.map_fd):
             if fd >= 0:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
         self.map_fd = self.prog_fd = -1
 
     def __enter__(self):

@@ -29,6 +29,7 @@ CLI (used by bench.py):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import os
 import select
@@ -65,10 +66,8 @@ def outq(sock: socket.socket) -> int:
 
 def abort(sock: socket.socket) -> None:
     """Close with RST."""
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
     sock.close()
 
 
@@ -100,7 +99,7 @@ class Relay:
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
                 a, _ = self.listener.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             a.settimeout(None)
             try:
@@ -113,7 +112,7 @@ class Relay:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.handle(a, d)
 
-    def start(self) -> "Relay":
+    def start(self) -> Relay:
         threading.Thread(target=self.serve_forever, daemon=True).start()
         return self
 
@@ -167,10 +166,8 @@ class Relay:
     # -- (b) splice through a pipe -------------------------------------------------
     def _pump_splice(self, src: socket.socket, dst: socket.socket) -> None:
         pr, pw = os.pipe()
-        try:
+        with contextlib.suppress(OSError):
             fcntl.fcntl(pw, F_SETPIPE_SZ, PIPE_SZ)
-        except OSError:
-            pass
         flags = os.SPLICE_F_MOVE | os.SPLICE_F_MORE
         try:
             while True:
@@ -237,7 +234,7 @@ class Relay:
                     user_mode = True
                     for fd in open_reads:
                         p.modify(fd, mask | select.POLLIN)
-                for fd, ev in p.poll(100):
+                for fd, _ev in p.poll(100):
                     src, dst = peer[fd]
                     try:
                         data = src.recv(BUF)
@@ -263,10 +260,8 @@ class Relay:
                     # EOF on src: forward the half-close
                     if self.drain_before_shutdown:
                         self._wait_drained(src, dst)
-                    try:
+                    with contextlib.suppress(OSError):
                         dst.shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
                     self.stats["eof_forwarded"] += 1
                     p.unregister(fd)
                     open_reads.discard(fd)

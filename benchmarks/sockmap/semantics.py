@@ -79,7 +79,7 @@ class Backend:
                 continue
             try:
                 b = self.conn.recv(MiB)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError as e:
                 self.error = repr(e)
@@ -108,11 +108,12 @@ def setup(mode="sockmap", reading=True, **kw):
     return r, be, c
 
 
-def push(c: socket.socket, total: int, seconds: float) -> int:
-    """Non-blocking push of the reference stream; returns bytes accepted by the kernel."""
+def push(c: socket.socket, total: int, seconds: float, start: int = 0) -> int:
+    """Non-blocking push of the reference stream from byte ``start``; returns bytes accepted."""
     c.setblocking(False)
     sent, end = 0, time.monotonic() + seconds
-    cur, idx, off = chunk(0), 0, 0
+    idx, off = divmod(start, MiB)
+    cur = chunk(idx)
     while sent < total and time.monotonic() < end:
         try:
             n = c.send(memoryview(cur)[off:])
@@ -146,15 +147,17 @@ def check_basic():
     finding("basic", got and bad is None and reply == b"pong",
             f"sent {sent} B client->backend, backend got {len(be.data)} B intact={bad is None}; "
             f"reply {reply!r}; bytes copied by userspace (fallback) = {r.stats['fallback_bytes']}")
-    c.close(); r.stop()
+    c.close()
+    r.stop()
 
 
 def check_early_data():
     """Client bytes that arrive before the relay inserts the sockets."""
-    for label, size, kick in (("64 KiB early, then more data", 64 * 1024, False),
+    for label, size, kick in (("<=1 MiB early (one send), then more data", 64 * 1024, False),
                               ("window filled before insertion, no kick", 4 * MiB, False),
                               ("window filled before insertion, SO_RCVLOWAT kick", 4 * MiB, True)):
-        be = Backend(); be.reading.set()
+        be = Backend()
+        be.reading.set()
         r = Relay("sockmap", ("127.0.0.1", 0), be.addr, kick=kick)
         c = socket.create_connection(r.addr, timeout=5)
         early = push(c, size, 1)  # lands in A's receive queue before accept+pair
@@ -162,14 +165,15 @@ def check_early_data():
         r.start()
         ok1 = be.wait_bytes(early, 3)
         got1 = len(be.data)
-        rest = push(c, 2 * MiB, 3) if ok1 or size < MiB else 0
+        rest = push(c, 2 * MiB, 3, start=early) if ok1 or size < MiB else 0
         ok2 = be.wait_bytes(early + rest, 3)
         bad = first_mismatch(bytes(be.data))
         finding(f"early-data [{label}]", None,
                 f"{early / 1024:.0f} KiB accepted by the kernel before insertion; backend had "
                 f"{got1 / 1024:.0f} KiB after 3 s; after more data: {len(be.data) / 1024:.0f} of "
                 f"{(early + rest) / 1024:.0f} KiB, in order={bad is None}, stalled={not ok2}")
-        c.close(); r.stop()
+        c.close()
+        r.stop()
 
 
 def check_halfclose():
@@ -201,7 +205,8 @@ def check_halfclose():
                     rev = c.recv(100) + b"|" + c.recv(100)
                 except OSError as e:
                     rev = repr(e)
-            c.close(); r.stop()
+            c.close()
+            r.stop()
         finding(f"half-close [{label}]", None,
                 f"FIN reached backend in {eof_runs}/{runs} runs; bytes missing at backend in "
                 f"{lost_runs}/{runs} runs{detail}; backend->client after half-close then close: "
@@ -231,7 +236,8 @@ def check_slow_reader():
                 f"SIOCOUTQ {dq / MiB:.1f} MiB, TCP mem +{(mem1 - mem0) * 4 / 1024:.1f} MiB; "
                 f"after reader resumed: got {len(be.data) / MiB:.1f} MiB complete={complete} "
                 f"intact={bad is None}")
-        c.close(); r.stop()
+        c.close()
+        r.stop()
 
 
 def check_reset():
@@ -261,7 +267,7 @@ def check_removal():
         sent1 = push(c, 64 * MiB, 2)
         time.sleep(0.2)
         r.unpair(st, which)  # "d": entry key(A) -> D removed, D leaves the map
-        sent2 = push(c, 8 * MiB - (sent1 % MiB), 3)  # keep the stream MiB-aligned-ish
+        sent2 = push(c, 8 * MiB, 3, start=sent1)
         total = sent1 + sent2
         be.reading.set()
         be.wait_bytes(total, 10)
@@ -274,7 +280,8 @@ def check_removal():
                 f"lost {(total - got) / MiB:.2f} MiB, first corrupt offset "
                 f"{bad if bad is None else f'{bad / MiB:.2f} MiB'}; userspace fallback copied "
                 f"{r.stats['fallback_bytes'] / MiB:.2f} MiB")
-        c.close(); r.stop()
+        c.close()
+        r.stop()
 
 
 CHECKS = {"basic": check_basic, "early": check_early_data, "halfclose": check_halfclose,

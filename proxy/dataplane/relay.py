@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import select
@@ -49,8 +50,8 @@ from proxy.model import Endpoint
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 65536
-"""Bytes moved per read; also the size of a splice pipe (the kernel's default pipe)."""
+CHUNK = 256 * 1024
+"""Bytes moved per read (uvloop's transports read as much); also the size of a splice pipe."""
 _BUF = bytearray(CHUNK)
 _VIEW = memoryview(_BUF)
 """One buffer for every read: a chunk is sent on at once, and only a short send's rest is copied."""
@@ -138,7 +139,8 @@ class _Leg:
             if n < CHUNK and not self.ending:
                 return  # a short read emptied the socket
             if relay.splice:
-                self.pipe = _pipe()
+                with contextlib.suppress(OSError):  # out of descriptors: go on copying
+                    self.pipe = _pipe()
 
     def _splice(self, dst: _Leg) -> bool:
         """One chunk from this socket through its pipe to ``dst``; False once either would block."""
@@ -157,7 +159,9 @@ class _Leg:
         self.nbytes += n
         self.piped = n
         relay.active = True
-        return self._drain_pipe(dst) and (n == CHUNK or self.ending)
+        # On until the socket says EAGAIN: a short splice proves nothing, as the pipe also fills
+        # up by its count of buffers (one per fragment), with bytes still queued behind.
+        return self._drain_pipe(dst)
 
     def _drain_pipe(self, dst: _Leg) -> bool:
         """Write this socket's piped bytes to ``dst``; False if some are left (``dst`` is full)."""
@@ -217,6 +221,12 @@ class _Leg:
 
 def _pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, CHUNK)  # 64 KiB by default; at most 1 MiB (pipe-max-size)
+    except OSError:
+        os.close(r)
+        os.close(w)
+        raise
     return r, w
 
 
@@ -584,7 +594,13 @@ class SocketForwarder:
         for fd, events in self.epoll.poll(0):
             leg = legs.get(fd)
             if leg is not None and leg.tick != tick:
-                leg.handle(events)
+                try:
+                    leg.handle(events)
+                except Exception:  # a bug must cost one connection, not the rest of this round's events
+                    relay = leg.relay
+                    logger.exception("forwarding failed; resetting the connection")
+                    if relay is not None:
+                        relay.reset()
 
     def close(self) -> None:
         if self._watching:

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -370,6 +371,42 @@ async def test_many_dead_endpoints_cannot_use_up_the_dial_ladder() -> None:
             answers.append((await asyncio.wait_for(reader.read(), 5)).decode())
             writer.close()
         assert answers == [live] * 6
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_no_descriptor_is_left_behind() -> None:
+    """Connections that end every way (clean, half-closed, reset by either side, refused dials
+    first, turned away) give back every descriptor they took."""
+    loop = asyncio.get_running_loop()
+    backend = "127.0.0.109"
+    pool = Pool((Endpoint("127.0.0.108", PORT, Family.V4), Endpoint(backend, PORT, Family.V4)), clock=loop.time)
+    connections = Connections()
+    async with servers([(backend, PORT)], lambda ip: ReplyAfterEof()), \
+            forwarding_to(web_target(pool), connections) as port:
+        before = open_descriptors()
+        for i in range(30):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"abc")
+            if i % 3 == 0:  # half-close, read the answer, close
+                writer.write_eof()
+                assert await asyncio.wait_for(reader.read(), 5) == b"cba"
+                writer.close()
+            elif i % 3 == 1:  # the client resets
+                await asyncio.sleep(0.01)
+                writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                           b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                writer.transport.abort()
+            else:  # the client just closes
+                writer.close()
+        await eventually(lambda: not connections.live, timeout=5)
+        pool.update((), 0)  # and ones turned away: nothing to forward to
+        for _ in range(5):
+            with contextlib.suppress(ConnectionError):
+                await ask("127.0.0.1", port)
+        await eventually(lambda: open_descriptors() == before, timeout=5)
 
 
 async def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> None:
