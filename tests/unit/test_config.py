@@ -121,6 +121,7 @@ drainTimeout: 20s
 maxConnections: 0
 dialTimeouts: [100ms, 1s]
 handoverSocket: "@svcproxy-x"
+forwarding: splice
 """
     s = config.apply(Settings(), config.load(write(tmp_path, text))).validate()
     assert (s.hostname_override, s.healthz_bind_address, s.metrics_bind_address) == (
@@ -131,6 +132,7 @@ handoverSocket: "@svcproxy-x"
     assert (s.logging_format, s.verbosity) == ("json", 4)
     assert (s.drain_timeout, s.max_connections, s.dial_timeouts, s.handover_socket) == (
         20.0, 0, (0.1, 1.0), "@svcproxy-x")  # 0 is "no limit" here, not "the default"
+    assert s.forwarding == "splice"
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -145,6 +147,13 @@ handoverSocket: "@svcproxy-x"
 def test_a_bad_field_is_named(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path, "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n" + text)
     with pytest.raises(config.SettingsError, match=message):
+        config.apply(Settings(), config.load(path)).validate()
+
+
+def test_an_unknown_forwarding_mode_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n---\n"
+                 "apiVersion: svcproxy.io/v1alpha1\nkind: SvcproxyConfiguration\nforwarding: sockmap\n")
+    with pytest.raises(config.SettingsError, match=r"--forwarding: 'sockmap' is not one of transports, sockets"):
         config.apply(Settings(), config.load(path)).validate()
 
 
@@ -163,7 +172,7 @@ def test_a_bad_file_is_named(tmp_path: Path, text: str, message: str) -> None:
 def test_the_effective_configuration_reads_back_the_same(tmp_path: Path) -> None:
     original = Settings(hostname_override="node-3", cluster_cidr=("10.244.0.0/16",), sync_period=45.0,
                         min_sync_period=0.5, tcp_idle_timeout=7200.0, drain_timeout=15.0, max_connections=1000,
-                        dial_timeouts=(0.25, 2.0), logging_format="json", verbosity=2,
+                        dial_timeouts=(0.25, 2.0), logging_format="json", verbosity=2, forwarding="sockets",
                         manifests=tmp_path, ready_file=Path("/run/svcproxy/ready")).validate()
     path = write(tmp_path, config.dump(config.effective(original)))
     assert config.apply(Settings(), config.load(path)).validate() == original
