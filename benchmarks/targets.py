@@ -299,12 +299,13 @@ class Svcproxy2(Svcproxy):
     extra = ("--workers", "2")
 
 
-class SvcproxySockets(Svcproxy):
-    """svcproxy forwarding on bare sockets (``--forwarding sockets``)."""
+class SvcproxyTransports(Svcproxy):
+    """svcproxy forwarding on uvloop's transports (``--forwarding transports``, the mode before
+    ``sockets`` became the default)."""
 
-    name, label = "svcproxy-sockets", "svcproxy (--forwarding sockets)"
+    name, label = "svcproxy-transports", "svcproxy (--forwarding transports)"
     host = "127.0.0.23"
-    extra = ("--forwarding", "sockets")
+    extra = ("--forwarding", "transports")
 
 
 class SvcproxySplice(Svcproxy):
@@ -313,14 +314,6 @@ class SvcproxySplice(Svcproxy):
     name, label = "svcproxy-splice", "svcproxy (--forwarding splice)"
     host = "127.0.0.24"
     extra = ("--forwarding", "splice")
-
-
-class SvcproxySockets2(Svcproxy):
-    """``--forwarding sockets --workers 2``."""
-
-    name, label = "svcproxy-sockets-w2", "svcproxy (--forwarding sockets --workers 2)"
-    host = "127.0.0.25"
-    extra = ("--forwarding", "sockets", "--workers", "2")
 
 
 class SvcproxyBase(Svcproxy):
@@ -332,8 +325,8 @@ class SvcproxyBase(Svcproxy):
 
 
 TARGETS: dict[str, type[Target]] = {
-    t.name: t for t in (Direct, HAProxy, HAProxy2, NginxStream, Dnat, Svcproxy, Svcproxy2, SvcproxySockets,
-                        SvcproxySplice, SvcproxySockets2, SvcproxyBase)}
+    t.name: t for t in (Direct, HAProxy, HAProxy2, NginxStream, Dnat, Svcproxy, Svcproxy2, SvcproxyTransports,
+                        SvcproxySplice, SvcproxyBase)}
 WORKING_TREE = frozenset(name for name, cls in TARGETS.items() if issubclass(cls, Svcproxy) and cls is not SvcproxyBase)
 """The targets that run this working tree's svcproxy, each with its own flags."""
 

@@ -77,8 +77,8 @@ def daemon_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=Settings.workers,
                    help="processes that forward TCP, sharing every listener (default 1; 0: one per CPU)")
     p.add_argument("--forwarding", choices=MODES, default=Settings.forwarding,
-                   help="how TCP bytes are moved: transports (uvloop's), sockets (bare sockets, a leaner "
-                   "connect path) or splice (sockets, bulk transfers spliced in the kernel); default transports")
+                   help="how TCP bytes are moved: sockets (bare sockets on svcproxy's own epoll; the default), "
+                   "splice (sockets, bulk transfers spliced in the kernel) or transports (uvloop's)")
     p.add_argument("--max-connections-per-service", type=int, default=Settings.max_connections_per_service,
                    help="proxied TCP connections per service port (default 0: no limit)")
     p.add_argument("--tcp-idle-timeout", type=_duration, default=Settings.tcp_idle_timeout,

@@ -80,7 +80,7 @@ class Proxier:
         endpoint_drain_timeout: float = 0.0,
         limits: Limits | None = None,
         workers: int = 1,
-        mode: str = "transports",
+        mode: str = "sockets",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tracker = tracker

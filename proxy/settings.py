@@ -82,10 +82,10 @@ class Settings:
     """Processes that forward TCP (proxy/dataplane/workers.py): 1 = the main process alone; N > 1
     adds N-1 helpers that accept from the same listening sockets; 0 = one per CPU this process may
     use. UDP, health checks and metrics stay in the main process."""
-    forwarding: str = "transports"
-    """How TCP bytes are moved (connections.MODES): ``transports`` (uvloop's, tcp.py), ``sockets``
-    (bare sockets on an epoll of svcproxy's own, relay.py) or ``splice`` (sockets, with bulk
-    transfers spliced in the kernel)."""
+    forwarding: str = "sockets"
+    """How TCP bytes are moved (connections.MODES): ``sockets`` (bare sockets on an epoll of
+    svcproxy's own, relay.py), ``splice`` (sockets, with bulk transfers spliced in the kernel) or
+    ``transports`` (uvloop's, tcp.py; the mode before 2026-12)."""
     endpoint_drain_timeout: float = 0.0
     """Connections to an endpoint that left its pool (deleted, not ready, terminating) are reset
     after this long; 0 = never (kube-proxy leaves established connections alone)."""

@@ -35,9 +35,9 @@ ERROR_REASONS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout", errn
 """How a failed dial is counted (``svcproxy_endpoint_connect_errors_total``); anything else is "other"."""
 LINGER_RESET = struct.pack("ii", 1, 0)
 """SO_LINGER on, 0 s: close() sends a RST, even when nothing is unread (a plain close sends a FIN)."""
-MODES = ("transports", "sockets", "splice")
-"""The forwarding modes (``--forwarding``): tcp.py's transports, relay.py's sockets, and relay.py
-with splice(2) for bulk transfers."""
+MODES = ("sockets", "splice", "transports")
+"""The forwarding modes (``--forwarding``): relay.py's sockets (the default), relay.py with
+splice(2) for bulk transfers, and tcp.py's uvloop transports."""
 
 
 def set_keepalive(sock: socket.socket, idle: float) -> None:

@@ -149,7 +149,7 @@ class Helper:
     """A helper's data plane: the TCP listeners it was handed and the pools behind them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits, drain_timeout: float,
-                 mode: str = "transports") -> None:
+                 mode: str = "sockets") -> None:
         self.loop = loop
         self.outliers = Outliers(clock=loop.time)
         self.connections = Connections(limits)
@@ -312,7 +312,7 @@ class Worker:
 class Workers:
     """The helpers of this process: started, fed, watched and restarted."""
 
-    def __init__(self, count: int, *, limits: Limits, drain_timeout: float, mode: str = "transports",
+    def __init__(self, count: int, *, limits: Limits, drain_timeout: float, mode: str = "sockets",
                  replay: Callable[[Worker], None], on_drained: Callable[[int], None] = lambda n: None) -> None:
         self.count = count
         self._on_drained = on_drained

@@ -43,6 +43,8 @@ APISERVER_IP = "192.0.2.1"
 CP_LAN_IP = "10.10.10.250"
 CLIENT_IP = "10.10.10.100"
 ZONES = {1: "zone-a", 2: "zone-b", 3: "zone-b"}
+FORWARDING = {1: "transports", 2: "sockets", 3: "splice"}
+"""Each node's svcproxy forwards TCP its own way (--forwarding), so every test covers every mode."""
 CLUSTER_CIDR = "10.244.0.0/16"
 
 
@@ -231,7 +233,7 @@ class KubeCluster:
                           "--kubeconfig", str(self.proxy_kubeconfig), "--hostname-override", node.name,
                           "--nodeport-addresses", f"{node.ip}/32", "--cluster-cidr", CLUSTER_CIDR,
                           "--drain-timeout", "1s", "--healthz-bind-address", "0.0.0.0:10256",
-                          "--metrics-bind-address", "127.0.0.1:10249")
+                          "--metrics-bind-address", "127.0.0.1:10249", "--forwarding", FORWARDING[node.index])
 
     def _exec(self, ns: Netns, name: str, *argv: str) -> subprocess.Popen[bytes]:
         return self._start(name, ["ip", "netns", "exec", ns.name, *argv])

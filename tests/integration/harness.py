@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.app import App
 from proxy.settings import Settings
 
-forwarding = "transports"
+forwarding = Settings.forwarding
 """The forwarding mode running_proxy uses (the ``each_forwarding`` fixture runs a test in each)."""
 
 

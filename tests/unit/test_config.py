@@ -153,7 +153,7 @@ def test_a_bad_field_is_named(tmp_path: Path, text: str, message: str) -> None:
 def test_an_unknown_forwarding_mode_is_named(tmp_path: Path) -> None:
     path = write(tmp_path, "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n---\n"
                  "apiVersion: svcproxy.io/v1alpha1\nkind: SvcproxyConfiguration\nforwarding: sockmap\n")
-    with pytest.raises(config.SettingsError, match=r"--forwarding: 'sockmap' is not one of transports, sockets"):
+    with pytest.raises(config.SettingsError, match=r"--forwarding: 'sockmap' is not one of sockets, splice"):
         config.apply(Settings(), config.load(path)).validate()
 
 
@@ -172,7 +172,7 @@ def test_a_bad_file_is_named(tmp_path: Path, text: str, message: str) -> None:
 def test_the_effective_configuration_reads_back_the_same(tmp_path: Path) -> None:
     original = Settings(hostname_override="node-3", cluster_cidr=("10.244.0.0/16",), sync_period=45.0,
                         min_sync_period=0.5, tcp_idle_timeout=7200.0, drain_timeout=15.0, max_connections=1000,
-                        dial_timeouts=(0.25, 2.0), logging_format="json", verbosity=2, forwarding="sockets",
+                        dial_timeouts=(0.25, 2.0), logging_format="json", verbosity=2, forwarding="transports",
                         manifests=tmp_path, ready_file=Path("/run/svcproxy/ready")).validate()
     path = write(tmp_path, config.dump(config.effective(original)))
     assert config.apply(Settings(), config.load(path)).validate() == original
