@@ -29,6 +29,8 @@ from proxy.model import (
 
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
+PROXY_PROTOCOL_ANNOTATION = "svcproxy.io/proxy-protocol"
+"""``v1`` or ``v2``: svcproxy writes a PROXY protocol header to the endpoint (TCP ports)."""
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
@@ -193,6 +195,7 @@ def service_state_ports(obj: Mapping[str, Any]) -> tuple[ServicePort, ...] | Non
     internal = _policy(f, spec, "internalTrafficPolicy")
     external = _policy(f, spec, "externalTrafficPolicy")
     health_port = f.integer(spec, "healthCheckNodePort", "spec.healthCheckNodePort", 0, 65535, 0)
+    proxy_protocol = _proxy_protocol(f, obj)
     # trafficDistribution and the topology-mode annotation need nothing here: they tell the
     # EndpointSlice controller to write hints, and kube-proxy follows the hints alone.
 
@@ -220,8 +223,20 @@ def service_state_ports(obj: Mapping[str, Any]) -> tuple[ServicePort, ...] | Non
             internal_policy=internal,
             external_policy=external,
             health_check_node_port=health_port,
+            proxy_protocol=proxy_protocol if protocol == "TCP" else 0,
         ))
     return tuple(ports)
+
+
+def _proxy_protocol(f: _Fields, obj: Mapping[str, Any]) -> int:
+    annotations = f.mapping(f.mapping(obj, "metadata", "metadata"), "annotations", "metadata.annotations")
+    path = f"metadata.annotations[{PROXY_PROTOCOL_ANNOTATION}]"
+    value = f.string(annotations, PROXY_PROTOCOL_ANNOTATION, path).strip()
+    if value in ("", "none"):
+        return 0
+    if value in ("v1", "v2"):
+        return int(value[1])
+    raise f.fail(path, f"expected v1 or v2, got {value!r}")
 
 
 def _policy(f: _Fields, spec: Mapping[str, Any], field: str) -> Policy:

@@ -79,6 +79,9 @@ class ServicePort:
     internal_policy: Policy = Policy.CLUSTER
     external_policy: Policy = Policy.CLUSTER
     health_check_node_port: int = 0
+    proxy_protocol: int = 0
+    """PROXY protocol version written to endpoints before the client's bytes (TCP ports of Services
+    annotated ``svcproxy.io/proxy-protocol: v1|v2``); 0 = none."""
 
     @property
     def captured_lb_ips(self) -> tuple[str, ...]:

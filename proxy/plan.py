@@ -53,6 +53,8 @@ class ListenerSpec:
     cluster's pods uses instead (kube-proxy sends it "out to the LB and back" that way)."""
     kind: str = "ClusterIP"
     """Which frontend of the Service this is: ClusterIP, ExternalIP, LoadBalancer or NodePort."""
+    proxy_protocol: int = 0
+    """PROXY protocol version written to each endpoint first; 0 = none."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -184,7 +186,7 @@ def desired(state: ServiceState, node: Node) -> tuple[dict[ListenerKey, Listener
                 key = ListenerKey(ip, port, sp.protocol)
                 # kube-proxy filters the ranges by family; none left means no firewall at all.
                 allowed = tuple(r for r in ranges if family_of(r) == family) or None
-                listeners[key] = ListenerSpec(key, pool, allowed, short, kind)
+                listeners[key] = ListenerSpec(key, pool, allowed, short, kind, sp.proxy_protocol)
 
         for ip in sp.cluster_ips:
             add(ip, sp.port, sp.internal_policy, kind="ClusterIP")

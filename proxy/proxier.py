@@ -268,11 +268,8 @@ class Proxier:
             if listener is None:
                 await self._open(spec)
                 continue
-            listener.target.pool = self.pools[spec.pool]
-            listener.target.local_traffic_pool = self._local_traffic_pool(spec)
-            listener.target.traffic = self.traffic.service(spec.pool.name)
-            listener.target.name = str(spec.pool.name)
-            listener.target.set_source_ranges(spec.source_ranges)
+            listener.target.retarget(self.traffic.service(spec.pool.name), self.pools[spec.pool], spec.source_ranges,
+                                     self._local_traffic_pool(spec), spec.proxy_protocol)
             self.serving[spec.key] = spec
             if spec.key.protocol == "TCP":
                 self._post("retarget", spec)
@@ -316,7 +313,8 @@ class Proxier:
                 logger.warning("%s service ports are not supported; not serving %s", key.protocol, key)
             return
         target = Target(self.traffic.service(spec.pool.name), self.pools[spec.pool], spec.source_ranges,
-                        local_traffic_pool=self._local_traffic_pool(spec), local_sources=self.local_sources)
+                        local_traffic_pool=self._local_traffic_pool(spec), local_sources=self.local_sources,
+                        proxy_protocol=spec.proxy_protocol)
         try:
             await self.listeners.open_listener(key, target)
         except OSError as e:

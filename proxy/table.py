@@ -59,6 +59,7 @@ def view(serving: Mapping[ListenerKey, ListenerSpec], pools: Mapping[PoolKey, Po
             "service": str(spec.pool.name), "policy": spec.pool.policy.value,
             "sessionAffinityTimeout": pool.affinity_timeout if pool is not None else 0,
             "sourceRanges": list(spec.source_ranges) if spec.source_ranges is not None else None,
+            "proxyProtocol": f"v{spec.proxy_protocol}" if spec.proxy_protocol else None,
             "endpoints": [_endpoint(ep, node, out, active) for ep in sorted(pool.endpoints if pool else (),
                                                                             key=_order)],
             "localTrafficEndpoints": None if local_pool is None else [
@@ -89,6 +90,8 @@ def render(rows: Sequence[Row]) -> str:
         extra = [f"affinity {r['sessionAffinityTimeout']}s"] if r["sessionAffinityTimeout"] else []
         if r["sourceRanges"] is not None:
             extra.append("from " + ",".join(r["sourceRanges"]))
+        if r.get("proxyProtocol"):
+            extra.append(f"proxy-protocol {r['proxyProtocol']}")
         lines.append(" ".join([f"{r['protocol']:<4}", f"{_host_port(r['address'], r['port']):<21}",
                                f"{r['type']:<12}", r["service"], r["policy"], *extra]))
         groups = [("", r["endpoints"])]

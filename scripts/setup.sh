@@ -1,7 +1,8 @@
 # Sourced by scripts/demo and scripts/test: a virtualenv in .venv with svcproxy installed.
 # Usage: . scripts/setup.sh [pip extras] ; with "--system-packages" as root it also installs the
 # Debian packages the tests use (iproute2 for network namespaces, nftables for the VIP guard,
-# wrk and nginx for the benchmark smoke test, dnsmasq and dig for the DNS test).
+# wrk and nginx for the benchmark smoke test, nginx and haproxy as PROXY protocol consumers, dnsmasq
+# and dig for the DNS test).
 set -euo pipefail
 
 need_apt=()
@@ -9,6 +10,7 @@ if [ "${SVCPROXY_SYSTEM_PACKAGES:-0}" = 1 ] && [ "$(id -u)" = 0 ] && command -v 
   command -v ip >/dev/null || need_apt+=(iproute2)
   command -v wrk >/dev/null || need_apt+=(wrk)
   command -v nginx >/dev/null || need_apt+=(nginx-light)
+  command -v haproxy >/dev/null || need_apt+=(haproxy)
   command -v nft >/dev/null || need_apt+=(nftables)
   command -v dnsmasq >/dev/null || need_apt+=(dnsmasq-base)
   command -v dig >/dev/null || need_apt+=(bind9-dnsutils)

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 
 from proxy.balancer import Pool
+from proxy.dataplane import proxyproto
 from proxy.dataplane.connections import (
     ERROR_REASONS,
     LINGER_RESET,
@@ -238,8 +239,8 @@ def _error(sock: socket.socket) -> OSError:
 class Relay:
     """A proxied connection: the accepted client, the dial, then bytes pumped both ways."""
 
-    __slots__ = ("accepted", "active", "backend", "client", "client_ip", "closing", "dialing", "endpoint",
-                 "endpoint_traffic", "failed", "forwarder", "pool", "quiet", "splice", "step", "target",
+    __slots__ = ("accepted", "active", "backend", "client", "client_addr", "client_ip", "closing", "dialing",
+                 "endpoint", "endpoint_traffic", "failed", "forwarder", "pool", "quiet", "splice", "step", "target",
                  "timed_out", "timer", "traffic", "trying")
 
     def __init__(self, forwarder: SocketForwarder, target: Target, sock: socket.socket) -> None:
@@ -263,6 +264,8 @@ class Relay:
         """finish() was asked while bytes were still on their way: close once they are out."""
         self.splice = forwarder.splice
         self.client_ip: str | None = None
+        self.client_addr: tuple[str, int] | None = None
+        """Kept only for a PROXY protocol header."""
         self.pool: Pool = target.pool
         self.failed: list[Endpoint] = []
         self.step = 0
@@ -296,8 +299,11 @@ class Relay:
 
     # -- accept and dial -----------------------------------------------------------------------
 
-    def start(self, client_ip: str) -> None:
+    def start(self, addr: tuple[str, int]) -> None:
         target, client = self.target, self.client
+        client_ip = addr[0]
+        if target.proxy_protocol:
+            self.client_addr = addr[:2]
         if target.needs_client_ip:
             self.client_ip = client_ip
             self.pool = target.pool_for(client_ip)
@@ -441,9 +447,27 @@ class Relay:
         client = self.client
         self.backend = backend
         client.peer, backend.peer = backend, client
+        if self.client_addr is not None and not self._introduce(backend):
+            return
         client.pump()  # what the client sent while we dialled (its events were not acted on)
         if events & _IN and self.backend is not None:  # a server that speaks first
             backend.pump()
+
+    def _introduce(self, backend: _Leg) -> bool:
+        """Send the PROXY protocol header, the endpoint's first bytes; False if that failed."""
+        assert self.client_addr is not None
+        try:
+            data = proxyproto.header(self.target.proxy_protocol, self.client_addr,
+                                     self.client.sock.getsockname()[:2])
+            sent = backend.sock.send(data)
+        except _AGAIN:
+            sent = 0
+        except OSError as e:
+            self.lost(backend, e)
+            return False
+        if sent < len(data):
+            backend.out = data[sent:]  # the client's bytes wait until it is out
+        return True
 
     # -- ending -------------------------------------------------------------------------------
 
@@ -577,7 +601,7 @@ class SocketForwarder:
             except OSError:
                 sock.close()
                 continue
-            Relay(self, target, sock).start(addr[0])
+            Relay(self, target, sock).start(addr)
 
     def _pause(self, lsock: socket.socket, target: Target) -> None:
         fd = lsock.fileno()

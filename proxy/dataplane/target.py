@@ -33,10 +33,11 @@ class LocalSources:
 class Target:
     """What a listener forwards to. Mutated in place on retarget; accepts read it per connection."""
 
-    __slots__ = ("allowed", "local_sources", "local_traffic_pool", "name", "pool", "traffic")
+    __slots__ = ("allowed", "local_sources", "local_traffic_pool", "name", "pool", "proxy_protocol", "traffic")
 
     def __init__(self, traffic: ServiceTraffic, pool: Pool, source_ranges: tuple[str, ...] | None = None, *,
-                 local_traffic_pool: Pool | None = None, local_sources: LocalSources | None = None) -> None:
+                 local_traffic_pool: Pool | None = None, local_sources: LocalSources | None = None,
+                 proxy_protocol: int = 0) -> None:
         self.traffic = traffic
         """The service port's traffic counts, which every frontend of it shares."""
         self.name = str(traffic.name)
@@ -46,6 +47,18 @@ class Target:
         self.local_sources = local_sources or LocalSources()
         self.allowed: tuple[Network, ...] | None = None
         self.set_source_ranges(source_ranges)
+        self.proxy_protocol = proxy_protocol
+        """PROXY protocol version each endpoint is sent first (proxyproto.py); 0 = none."""
+
+    def retarget(self, traffic: ServiceTraffic, pool: Pool, source_ranges: tuple[str, ...] | None,
+                 local_traffic_pool: Pool | None, proxy_protocol: int) -> None:
+        """Take a changed listener's new settings; connections accepted from now on see them."""
+        self.traffic = traffic
+        self.name = str(traffic.name)
+        self.pool = pool
+        self.local_traffic_pool = local_traffic_pool
+        self.set_source_ranges(source_ranges)
+        self.proxy_protocol = proxy_protocol
 
     def set_source_ranges(self, ranges: tuple[str, ...] | None) -> None:
         self.allowed = None if ranges is None else tuple(ipaddress.ip_network(r) for r in ranges)

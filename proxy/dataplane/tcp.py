@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import cast
 
 from proxy.balancer import Pool
+from proxy.dataplane import proxyproto
 from proxy.dataplane.connections import ERROR_REASONS, LINGER_RESET, LOCAL_ERRNOS, Connections, set_keepalive
 from proxy.dataplane.target import Target
 from proxy.dataplane.traffic import EndpointTraffic, ServiceTraffic
@@ -292,6 +293,9 @@ class Client(_Side):
         backend.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         if self._registry.limits.keepalive:
             _keepalive(backend.transport, self._registry.limits.keepalive)
+        if self.target.proxy_protocol:
+            peer, own = client.get_extra_info("peername"), client.get_extra_info("sockname")
+            backend.transport.write(proxyproto.header(self.target.proxy_protocol, peer[:2], own[:2]))
         if self._early:
             backend.transport.writelines(self._early)
             self._early.clear()

@@ -197,12 +197,8 @@ class Helper:
             await self._open(args[0], socket.socket(fileno=fds[0]))
         elif kind == "retarget":
             spec: ListenerSpec = args[0]
-            target = self.listeners[spec.key][0]
-            target.pool = self.pools[spec.pool]
-            target.local_traffic_pool = self._local_pool(spec)
-            target.traffic = self.traffic.service(spec.pool.name)
-            target.name = str(spec.pool.name)
-            target.set_source_ranges(spec.source_ranges)
+            self.listeners[spec.key][0].retarget(self.traffic.service(spec.pool.name), self.pools[spec.pool],
+                                                 spec.source_ranges, self._local_pool(spec), spec.proxy_protocol)
         elif kind == "close":
             entry = self.listeners.pop(args[0], None)
             if entry is not None:
@@ -221,7 +217,8 @@ class Helper:
 
     async def _open(self, spec: ListenerSpec, sock: socket.socket) -> None:
         target = Target(self.traffic.service(spec.pool.name), self.pools[spec.pool], spec.source_ranges,
-                        local_traffic_pool=self._local_pool(spec), local_sources=self.local_sources)
+                        local_traffic_pool=self._local_pool(spec), local_sources=self.local_sources,
+                        proxy_protocol=spec.proxy_protocol)
         old = self.listeners.pop(spec.key, None)
         if old is not None:
             old[1]()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -17,6 +18,9 @@ from proxy.settings import Settings
 
 forwarding = Settings.forwarding
 """The forwarding mode running_proxy uses (the ``each_forwarding`` fixture runs a test in each)."""
+WORKERS = int(os.environ.get("SVCPROXY_TEST_WORKERS", "1"))
+"""--workers for running_proxy: ``SVCPROXY_TEST_WORKERS=2 ./scripts/test tests/integration`` runs the
+tier with helper processes (exact round-robin counts and instant metrics are one process's)."""
 
 
 def service(name: str, cluster_ip: str, port: int, *, node_port: int = 0, ns: str = "default",
@@ -60,7 +64,7 @@ async def running_proxy(directory: Path, objects: Sequence[dict[str, Any]] = (),
         "manifests": directory, "hostname_override": "node-a", "nodeport_addresses": ("127.0.0.1/32",),
         "healthz_bind_address": "127.0.0.1:0", "metrics_bind_address": "127.0.0.1:0",
         "vip_interface": "lo", "manifest_poll_interval": 0.1, "drain_timeout": 1.0, "forwarding": forwarding,
-        **overrides,
+        "workers": WORKERS, **overrides,
     }).validate()
     app = App(settings)
     await app.start()

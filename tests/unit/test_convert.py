@@ -335,6 +335,8 @@ BAD_SERVICES = [
      _set("spec.sessionAffinityConfig", {"clientIP": {"timeoutSeconds": 86401}}),
      "spec.sessionAffinityConfig.clientIP.timeoutSeconds"),
     ("labels-not-object", _set("metadata.labels", ["a"]), "metadata.labels"),
+    ("bad-proxy-protocol", _set("metadata.annotations", {convert.PROXY_PROTOCOL_ANNOTATION: "v3"}),
+     f"metadata.annotations[{convert.PROXY_PROTOCOL_ANNOTATION}]"),
 ]
 
 
@@ -389,6 +391,15 @@ def test_malformed_slice_names_object_and_field(mutate: Callable[[Obj], None], f
     assert str(info.value).startswith("EndpointSlice ")
     if field != "metadata.name":
         assert "shop/cart-x1y2z" in str(info.value)
+
+
+@pytest.mark.parametrize(("value", "version"), [("v1", 1), ("v2", 2), (" v2 ", 2), ("none", 0), ("", 0)])
+def test_the_proxy_protocol_annotation_applies_to_tcp_ports(value: str, version: int) -> None:
+    svc = make_service("shop", "cart", annotations={convert.PROXY_PROTOCOL_ANNOTATION: value},
+                       ports=[service_port("http", 80), service_port("dns", 53, "UDP")])
+    ports = convert.service_state_ports(svc)
+    assert ports is not None
+    assert [(p.protocol, p.proxy_protocol) for p in ports] == [("TCP", version), ("UDP", 0)]
 
 
 def test_invalid_object_is_a_value_error() -> None:
