@@ -56,6 +56,11 @@ class ListenerSpec:
     proxy_protocol: int = 0
     """PROXY protocol version written to each endpoint first; 0 = none."""
 
+    @property
+    def external_local(self) -> bool:
+        """A frontend for outside clients with externalTrafficPolicy: Local."""
+        return self.kind != "ClusterIP" and self.pool.policy is Policy.LOCAL
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PoolSpec:

@@ -18,26 +18,35 @@ class LocalSources:
     detect-local does. One instance is shared by every Target and updated when node facts change."""
 
     def __init__(self) -> None:
-        self.nets: tuple[Network, ...] = _LOOPBACK
+        self.node: tuple[Network, ...] = _LOOPBACK
+        self.pods: tuple[Network, ...] = ()
 
     def update(self, node_addresses: Iterable[str], cluster_cidrs: Iterable[str]) -> None:
-        nets = [ipaddress.ip_network(a) for a in node_addresses]
-        nets += [ipaddress.ip_network(c, strict=False) for c in cluster_cidrs]
-        self.nets = (*_LOOPBACK, *nets)
+        self.node = (*_LOOPBACK, *(ipaddress.ip_network(a) for a in node_addresses))
+        self.pods = tuple(ipaddress.ip_network(c, strict=False) for c in cluster_cidrs)
 
     def __contains__(self, client_ip: str) -> bool:
         addr = ipaddress.ip_address(client_ip)
-        return any(addr in net for net in self.nets)
+        return any(addr in net for net in self.node) or any(addr in net for net in self.pods)
+
+    def is_node(self, client_ip: str) -> bool:
+        addr = ipaddress.ip_address(client_ip)
+        return any(addr in net for net in self.node)
+
+    def is_pod(self, client_ip: str) -> bool:
+        addr = ipaddress.ip_address(client_ip)
+        return any(addr in net for net in self.pods)
 
 
 class Target:
     """What a listener forwards to. Mutated in place on retarget; accepts read it per connection."""
 
-    __slots__ = ("allowed", "local_sources", "local_traffic_pool", "name", "pool", "proxy_protocol", "traffic")
+    __slots__ = ("allowed", "external_local", "local_sources", "local_traffic_pool", "name", "pool", "proxy_protocol",
+                 "traffic")
 
     def __init__(self, traffic: ServiceTraffic, pool: Pool, source_ranges: tuple[str, ...] | None = None, *,
                  local_traffic_pool: Pool | None = None, local_sources: LocalSources | None = None,
-                 proxy_protocol: int = 0) -> None:
+                 proxy_protocol: int = 0, external_local: bool = False) -> None:
         self.traffic = traffic
         """The service port's traffic counts, which every frontend of it shares."""
         self.name = str(traffic.name)
@@ -49,9 +58,11 @@ class Target:
         self.set_source_ranges(source_ranges)
         self.proxy_protocol = proxy_protocol
         """PROXY protocol version each endpoint is sent first (proxyproto.py); 0 = none."""
+        self.external_local = external_local
+        """A frontend for outside clients (nodePort, externalIP, LB IP) with externalTrafficPolicy: Local."""
 
     def retarget(self, traffic: ServiceTraffic, pool: Pool, source_ranges: tuple[str, ...] | None,
-                 local_traffic_pool: Pool | None, proxy_protocol: int) -> None:
+                 local_traffic_pool: Pool | None, proxy_protocol: int, external_local: bool) -> None:
         """Take a changed listener's new settings; connections accepted from now on see them."""
         self.traffic = traffic
         self.name = str(traffic.name)
@@ -59,6 +70,7 @@ class Target:
         self.local_traffic_pool = local_traffic_pool
         self.set_source_ranges(source_ranges)
         self.proxy_protocol = proxy_protocol
+        self.external_local = external_local
 
     def set_source_ranges(self, ranges: tuple[str, ...] | None) -> None:
         self.allowed = None if ranges is None else tuple(ipaddress.ip_network(r) for r in ranges)
@@ -72,6 +84,15 @@ class Target:
             return True
         addr = ipaddress.ip_address(client_ip)
         return any(addr in net for net in self.allowed)
+
+    def keeps_client_address(self, client_ip: str, endpoint_ip: str) -> bool:
+        """Whether the endpoint should see the client's own address rather than the node's, as
+        kube-proxy decides with its --cluster-cidr local detector: kept for pods (but a pod
+        reaching itself, the hairpin, sees the node), never for the node itself, and for outside
+        clients only on externalTrafficPolicy: Local frontends (kube-proxy masquerades the rest)."""
+        if client_ip == endpoint_ip or self.local_sources.is_node(client_ip):
+            return False
+        return self.local_sources.is_pod(client_ip) or self.external_local
 
     def pool_for(self, client_ip: str | None) -> Pool:
         """The pool a client uses: local traffic to an eTP Local frontend goes to Cluster endpoints."""
