@@ -25,6 +25,7 @@ from aiohttp import web
 
 from proxy import config, convert, gcpolicy, health, metrics, sdnotify, table
 from proxy.control import ControlThread
+from proxy.dataplane import tproxy
 from proxy.dataplane.connections import Limits
 from proxy.dataplane.guard import VipGuard
 from proxy.dataplane.vip import Vips
@@ -179,7 +180,8 @@ class App:
             limits=Limits(max_connections=s.connection_limit(),
                               max_connections_per_service=s.max_connections_per_service,
                               idle_timeout=s.tcp_idle_timeout, half_closed_timeout=s.tcp_half_closed_timeout,
-                              dial_timeouts=s.dial_timeouts, keepalive=s.tcp_keepalive),
+                              dial_timeouts=s.dial_timeouts, keepalive=s.tcp_keepalive,
+                              transparent=await self._transparent()),
             workers=s.worker_count(),
             mode=s.forwarding,
         )
@@ -300,6 +302,25 @@ class App:
         await self.control.done
         raise RuntimeError("the control plane ended unexpectedly")
 
+    async def _transparent(self) -> bool:
+        """Whether to dial from clients' own addresses: --transparent, and what the node allows.
+        The steering stays when svcproxy exits (a restart's successor uses it); --cleanup removes it."""
+        wanted = self.settings.transparent
+        if wanted == "off":
+            return False
+        problem = tproxy.unavailable()
+        if not problem and self.settings.forwarding == "transports":
+            problem = "--forwarding transports cannot dial from another address"
+        if not problem:
+            problem = await tproxy.Steering().install()
+        if problem:
+            if wanted == "on":
+                raise ConfigurationError(f"--transparent on: {problem}")
+            logger.info("transparent source addresses are off (%s): endpoints see this node's address", problem)
+            return False
+        logger.info("transparent source addresses: endpoints see the client's address where kube-proxy keeps it")
+        return True
+
     async def stop(self) -> None:
         if self.control is not None:
             await self.control.stop()
@@ -333,6 +354,7 @@ async def cleanup(settings: Settings) -> int:
     finally:
         await vips.close()
     await VipGuard().remove()
+    await tproxy.Steering().remove()
     logger.info("removed %d service addresses: %s", len(removed), " ".join(removed) or "none")
     return 0
 

@@ -79,6 +79,10 @@ def daemon_parser() -> argparse.ArgumentParser:
     p.add_argument("--forwarding", choices=MODES, default=Settings.forwarding,
                    help="how TCP bytes are moved: sockets (bare sockets on svcproxy's own epoll; the default), "
                    "splice (sockets, bulk transfers spliced in the kernel) or transports (uvloop's)")
+    p.add_argument("--transparent", choices=("on", "auto", "off"), default=Settings.transparent,
+                   help="endpoints see the client's own address where kube-proxy keeps it (IP_TRANSPARENT, "
+                   "nftables, policy routing; TCP in the sockets and splice modes): on, auto (where the node "
+                   "allows it) or off (default: they see this node's address)")
     p.add_argument("--max-connections-per-service", type=int, default=Settings.max_connections_per_service,
                    help="proxied TCP connections per service port (default 0: no limit)")
     p.add_argument("--tcp-idle-timeout", type=_duration, default=Settings.tcp_idle_timeout,
@@ -131,6 +135,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_connections_per_service=args.max_connections_per_service,
         workers=args.workers,
         forwarding=args.forwarding,
+        transparent=args.transparent,
         tcp_idle_timeout=args.tcp_idle_timeout,
         tcp_half_closed_timeout=args.tcp_half_closed_timeout,
         tcp_keepalive=args.tcp_keepalive,

@@ -86,6 +86,10 @@ class Settings:
     """How TCP bytes are moved (connections.MODES): ``sockets`` (bare sockets on an epoll of
     svcproxy's own, relay.py), ``splice`` (sockets, with bulk transfers spliced in the kernel) or
     ``transports`` (uvloop's, tcp.py; the mode before 2026-12)."""
+    transparent: str = "off"
+    """Endpoints see the client's own address where kube-proxy keeps it (proxy/dataplane/tproxy.py):
+    ``on`` (refuse to start without the capabilities and kernel pieces), ``auto`` (on where the
+    node allows it, else say why) or ``off`` (they see this node's address)."""
     endpoint_drain_timeout: float = 0.0
     """Connections to an endpoint that left its pool (deleted, not ready, terminating) are reset
     after this long; 0 = never (kube-proxy leaves established connections alone)."""
@@ -148,6 +152,11 @@ class Settings:
             raise SettingsError(f"--workers: {self.workers} is not between 0 (one per CPU) and 64")
         if self.forwarding not in MODES:
             raise SettingsError(f"--forwarding: {self.forwarding!r} is not one of {', '.join(MODES)}")
+        if self.transparent not in ("on", "auto", "off"):
+            raise SettingsError(f"--transparent: {self.transparent!r} is not one of on, auto, off")
+        if self.transparent == "on" and self.forwarding == "transports":
+            raise SettingsError("--transparent on needs --forwarding sockets or splice (transports cannot dial "
+                                "from another address)")
         if self.udp_idle_timeout <= 0:
             raise SettingsError("--udp-idle-timeout must be positive")
         if self.sync_period <= 0:

@@ -4,8 +4,10 @@ Usage: ``python podserver.py NAME --addr IP [--addr IP ...] [--tcp PORT ...] [--
 [--linger SECONDS]``
 
 * TCP ports speak just enough HTTP/1.1 for a probe: every request gets
-  ``hello from NAME (IP:PORT)`` (IPv6 addresses unbracketed), then the connection closes.
-* UDP ports echo each datagram back as ``NAME (IP:PORT): <datagram>``.
+  ``hello from NAME (IP:PORT)`` (IPv6 addresses unbracketed), then the connection closes;
+  ``GET /peer`` gets ``NAME peer PEER-IP`` instead: the client address this pod sees.
+* UDP ports echo each datagram back as ``NAME (IP:PORT): <datagram>``; the datagram ``peer?`` gets
+  ``NAME peer PEER-IP``.
 
 It runs inside a pod's network namespace and binds only the pod's own addresses. On SIGTERM it
 keeps serving for ``--linger`` seconds before it closes its sockets, as a pod with a preStop sleep
@@ -22,7 +24,8 @@ from typing import cast
 
 
 class Http(asyncio.Protocol):
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, name: str, body: bytes) -> None:
+        self.name = name
         self.body = body
         self.buf = b""
         self.transport: asyncio.Transport | None = None
@@ -33,13 +36,17 @@ class Http(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if b"\r\n\r\n" in self.buf and self.transport is not None:
+            body = self.body
+            if self.buf.startswith(b"GET /peer "):
+                body = f"{self.name} peer {self.transport.get_extra_info('peername')[0]}\n".encode()
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-                                 b"Connection: close\r\n\r\n%s" % (len(self.body), self.body))
+                                 b"Connection: close\r\n\r\n%s" % (len(body), body))
             self.transport.close()
 
 
 class Echo(asyncio.DatagramProtocol):
-    def __init__(self, prefix: bytes) -> None:
+    def __init__(self, name: str, prefix: bytes) -> None:
+        self.name = name
         self.prefix = prefix
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -48,7 +55,8 @@ class Echo(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if self.transport is not None:
-            self.transport.sendto(self.prefix + data, addr)
+            answer = f"{self.name} peer {addr[0]}".encode() if data == b"peer?" else self.prefix + data
+            self.transport.sendto(answer, addr)
 
 
 async def serve(name: str, addrs: list[str], tcp: list[int], udp: list[int], linger: float = 0.0) -> None:
@@ -57,11 +65,11 @@ async def serve(name: str, addrs: list[str], tcp: list[int], udp: list[int], lin
     for ip in addrs:
         for port in tcp:
             body = f"hello from {name} ({ip}:{port})\n".encode()
-            server = await loop.create_server(functools.partial(Http, body), ip, port, reuse_address=True)
+            server = await loop.create_server(functools.partial(Http, name, body), ip, port, reuse_address=True)
             closers.append(server.close)
         for port in udp:
             prefix = f"{name} ({ip}:{port}): ".encode()
-            transport, _ = await loop.create_datagram_endpoint(functools.partial(Echo, prefix),
+            transport, _ = await loop.create_datagram_endpoint(functools.partial(Echo, name, prefix),
                                                                local_addr=(ip, port))
             closers.append(transport.close)
     print("ready", flush=True)

@@ -116,6 +116,8 @@ class Limits:
     """The connect-timeout ladder: each timed-out dial moves to the next, longer one."""
     keepalive: float = 0.0
     """TCP keepalive on both legs: first probe after this many idle seconds; 0 = off."""
+    transparent: bool = False
+    """Dial from the client's own address where kube-proxy would keep it (tproxy.py)."""
 
     @property
     def sweep_interval(self) -> float:

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 
 from proxy.balancer import Pool
-from proxy.dataplane import proxyproto
+from proxy.dataplane import proxyproto, tproxy
 from proxy.dataplane.connections import (
     ERROR_REASONS,
     LINGER_RESET,
@@ -240,8 +240,8 @@ class Relay:
     """A proxied connection: the accepted client, the dial, then bytes pumped both ways."""
 
     __slots__ = ("accepted", "active", "backend", "client", "client_addr", "client_ip", "closing", "dialing",
-                 "endpoint", "endpoint_traffic", "failed", "forwarder", "pool", "quiet", "splice", "step", "target",
-                 "timed_out", "timer", "traffic", "trying")
+                 "endpoint", "endpoint_traffic", "failed", "forwarder", "pool", "quiet", "source", "splice", "step",
+                 "target", "timed_out", "timer", "traffic", "trying")
 
     def __init__(self, forwarder: SocketForwarder, target: Target, sock: socket.socket) -> None:
         self.forwarder = forwarder
@@ -266,6 +266,8 @@ class Relay:
         self.client_ip: str | None = None
         self.client_addr: tuple[str, int] | None = None
         """Kept only for a PROXY protocol header."""
+        self.source: str | None = None
+        """The client's address, kept when dials may leave from it (--transparent)."""
         self.pool: Pool = target.pool
         self.failed: list[Endpoint] = []
         self.step = 0
@@ -304,6 +306,8 @@ class Relay:
         client_ip = addr[0]
         if target.proxy_protocol:
             self.client_addr = addr[:2]
+        if self.forwarder.transparent:
+            self.source = client_ip
         if target.needs_client_ip:
             self.client_ip = client_ip
             self.pool = target.pool_for(client_ip)
@@ -360,6 +364,8 @@ class Relay:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if fw.keepalive:
                     set_keepalive(sock, fw.keepalive)
+                if self.source is not None and self.target.keeps_client_address(self.source, ep.ip):
+                    tproxy.bind_transparent(sock, self.source)
                 code = sock.connect_ex((ep.ip, ep.port))
             except OSError as e:
                 code = e.errno or errno.EIO
@@ -559,6 +565,7 @@ class SocketForwarder:
         self.connections = connections
         self.splice = splice
         self.keepalive = connections.limits.keepalive
+        self.transparent = connections.limits.transparent
         self._accept_batch = accept_batch
         """Connections taken per wake-up; 1 when worker processes share the listeners, so each takes
         its share."""

@@ -63,8 +63,8 @@ async def running_proxy(directory: Path, objects: Sequence[dict[str, Any]] = (),
     settings = Settings(**{
         "manifests": directory, "hostname_override": "node-a", "nodeport_addresses": ("127.0.0.1/32",),
         "healthz_bind_address": "127.0.0.1:0", "metrics_bind_address": "127.0.0.1:0",
-        "vip_interface": "lo", "manifest_poll_interval": 0.1, "drain_timeout": 1.0, "forwarding": forwarding,
-        "workers": WORKERS, **overrides,
+        "vip_interface": "lo", "transparent": "off", "manifest_poll_interval": 0.1, "drain_timeout": 1.0,
+        "forwarding": forwarding, "workers": WORKERS, **overrides,
     }).validate()
     app = App(settings)
     await app.start()

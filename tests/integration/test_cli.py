@@ -24,6 +24,8 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     (["--master", "notaurl"], "--master: 'notaurl' is not an http(s) URL (e.g. https://10.0.0.1:6443)"),
     (["--dial-timeouts", "100ms,0s"], "--dial-timeouts must be one or more positive durations"),
     (["--max-connections-per-service", "-3"], "--max-connections-per-service must be 0 (no limit) or more"),
+    (["--transparent", "on", "--forwarding", "transports"],
+     "--transparent on needs --forwarding sockets or splice (transports cannot dial from another address)"),
 ])
 def test_bad_settings_are_one_clear_line_and_exit_1(tmp_path: Path, args: list[str], message: str) -> None:
     source = [] if args[0] in ("--master", "--kubeconfig") else ["--manifests", str(tmp_path)]
