@@ -95,7 +95,7 @@ class Proxier:
         self.connections = Connections(limits)
         self.traffic = Traffic()
         self.listeners = Listeners(loop, forwarding.forwarder(mode, loop, self.connections, shared=workers > 1),
-                                   udp_idle_timeout=udp_idle_timeout)
+                                   udp_idle_timeout=udp_idle_timeout, transparent=self.connections.limits.transparent)
         self.drain = drain.EndpointDrain(self.connections, endpoint_drain_timeout, loop=loop,
                                          on_drained=metrics.endpoint_drained.inc)
         self.pools: dict[PoolKey, Pool] = {}

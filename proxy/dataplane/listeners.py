@@ -56,10 +56,11 @@ class Listeners:
     """The open listeners, keyed by address, port and protocol."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, forwarder: Forwarder, *,
-                 udp_idle_timeout: float = udp.DEFAULT_IDLE_TIMEOUT) -> None:
+                 udp_idle_timeout: float = udp.DEFAULT_IDLE_TIMEOUT, transparent: bool = False) -> None:
         self._loop = loop
         self._forwarder = forwarder
         self._udp_idle_timeout = udp_idle_timeout
+        self._transparent = transparent
         self.open: dict[ListenerKey, Listener] = {}
 
     async def open_listener(self, key: ListenerKey, target: Target) -> None:
@@ -83,7 +84,7 @@ class Listeners:
 
     async def _open_udp(self, key: ListenerKey, target: Target) -> None:
         sock = udp.bound_socket(key.ip, key.port)
-        frontend = udp.Frontend(target, self._loop, self._udp_idle_timeout)
+        frontend = udp.Frontend(target, self._loop, self._udp_idle_timeout, self._transparent)
         try:
             await self._loop.create_datagram_endpoint(lambda: frontend, sock=sock)
         except BaseException:

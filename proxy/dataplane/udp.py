@@ -16,7 +16,7 @@ import socket
 from typing import cast
 
 from proxy.balancer import Pool
-from proxy.dataplane import reuseport
+from proxy.dataplane import reuseport, tproxy
 from proxy.dataplane.target import Target
 from proxy.dataplane.traffic import EndpointTraffic, ServiceTraffic
 from proxy.model import Endpoint
@@ -42,6 +42,8 @@ class Flow:
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             self.sock.setblocking(False)
+            if frontend.transparent and frontend.target.keeps_client_address(client[0], endpoint.ip):
+                tproxy.bind_transparent(self.sock, client[0])
             self.sock.connect((endpoint.ip, endpoint.port))
         except BaseException:
             self.sock.close()
@@ -91,10 +93,13 @@ class Flow:
 class Frontend(asyncio.DatagramProtocol):
     """One UDP service address: receives client datagrams and relays them through flows."""
 
-    def __init__(self, target: Target, loop: asyncio.AbstractEventLoop, idle_timeout: float) -> None:
+    def __init__(self, target: Target, loop: asyncio.AbstractEventLoop, idle_timeout: float,
+                 transparent: bool = False) -> None:
         self.target = target
         self.loop = loop
         self.idle_timeout = idle_timeout
+        self.transparent = transparent
+        """Flows leave from their client's address where kube-proxy keeps it (tproxy.py)."""
         self.flows: dict[Address, Flow] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self._sweeper: asyncio.TimerHandle | None = None

@@ -42,15 +42,21 @@ VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
 
 PROBE = r"""
 import json, socket, sys
-s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+udp = sys.argv[3] == "udp"
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET,
+                  socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
 s.settimeout(3)
 try:
     s.connect((sys.argv[1], int(sys.argv[2])))
-    s.sendall(b"GET /peer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    data = b""
-    while chunk := s.recv(65536):
-        data += chunk
-    print(json.dumps(data.partition(b"\r\n\r\n")[2].decode().strip()))
+    if udp:
+        s.send(b"peer?")
+        print(json.dumps(s.recv(65536).decode().strip()))
+    else:
+        s.sendall(b"GET /peer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        print(json.dumps(data.partition(b"\r\n\r\n")[2].decode().strip()))
 except OSError as e:
     print(json.dumps(type(e).__name__))
 """
@@ -60,8 +66,8 @@ def sh(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=20).stdout
 
 
-def peer(ns: str, host: str, port: int) -> str:
-    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", PROBE, host, str(port)],
+def peer(ns: str, host: str, port: int, protocol: str = "tcp") -> str:
+    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", PROBE, host, str(port), protocol],
                          capture_output=True, text=True, timeout=20)
     return str(json.loads(out.stdout)) if out.returncode == 0 else f"probe failed: {out.stderr[-300:]}"
 
@@ -118,11 +124,15 @@ def test_who_keeps_the_client_address(cluster: dict[str, str], tmp_path: Path, m
     web = service("web", VIP4, 80, node_port=30080, clusterIPs=[VIP4, VIP6], ipFamilies=["IPv4", "IPv6"],
                   ipFamilyPolicy="RequireDualStack")
     local = service("local", "10.96.0.11", 80, node_port=30081, externalTrafficPolicy="Local")
+    dns = service("dns", "10.96.0.12", 53)
+    dns["spec"]["ports"][0].update(protocol="UDP", targetPort=5300)
+    dns_slice = endpoint_slice("dns", 5300, [POD_A[0]])
+    dns_slice["ports"][0]["protocol"] = "UDP"
     objs = [web, endpoint_slice("web", 8080, [POD_A[0]]), endpoint_slice("web", 8080, [POD_A[2]], name="web-6",
                                                                           family="IPv6"),
-            local, endpoint_slice("local", 8080, [POD_A[0]])]
+            local, endpoint_slice("local", 8080, [POD_A[0]]), dns, dns_slice]
     write_manifests(tmp_path / "svc.yaml", objs)
-    pod = start(cluster["pa"], str(PODSERVER), "pa", "--addr", POD_A[0], "--addr", POD_A[2], "--tcp=8080")
+    pod = start(cluster["pa"], str(PODSERVER), "pa", "--addr", POD_A[0], "--addr", POD_A[2], "--tcp=8080", "--udp=5300")
     proxy = start(node, "-m", "proxy", "--manifests", str(tmp_path), "--hostname-override", "node-a",
                   "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "", "--drain-timeout", "1s",
                   "--cluster-cidr", "10.244.0.0/16,fd00:244::/32", "--transparent", "on", "--forwarding", mode)
@@ -140,6 +150,10 @@ def test_who_keeps_the_client_address(cluster: dict[str, str], tmp_path: Path, m
         # Outside clients: their own address on eTP Local, the node's on eTP Cluster.
         assert peer(cluster["out"], NODE_OUT[0], 30081) == f"pa peer {OUTSIDE[0]}"
         assert peer(cluster["out"], NODE_OUT[0], 30080) == f"pa peer {POD_A[1]}"
+        # UDP flows follow the same rules.
+        assert peer(cluster["pb"], "10.96.0.12", 53, "udp") == f"pa peer {POD_B[0]}"
+        assert peer(cluster["pa"], "10.96.0.12", 53, "udp") == f"pa peer {POD_A[1]}"
+        assert peer(node, "10.96.0.12", 53, "udp") == f"pa peer {POD_A[1]}"
         # Many connections, in a row: replies keep finding their way back.
         assert {peer(cluster["pb"], VIP4, 80) for _ in range(20)} == {f"pa peer {POD_B[0]}"}
     finally:
