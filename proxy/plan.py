@@ -57,9 +57,9 @@ class ListenerSpec:
     """PROXY protocol version written to each endpoint first; 0 = none."""
 
     @property
-    def external_local(self) -> bool:
-        """A frontend for outside clients with externalTrafficPolicy: Local."""
-        return self.kind != "ClusterIP" and self.pool.policy is Policy.LOCAL
+    def external(self) -> str:
+        """For a frontend outside clients use: its externalTrafficPolicy; "" for a clusterIP."""
+        return "" if self.kind == "ClusterIP" else self.pool.policy.value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -269,7 +269,7 @@ class Proxier:
                 await self._open(spec)
                 continue
             listener.target.retarget(self.traffic.service(spec.pool.name), self.pools[spec.pool], spec.source_ranges,
-                                     self._local_traffic_pool(spec), spec.proxy_protocol, spec.external_local)
+                                     self._local_traffic_pool(spec), spec.proxy_protocol, spec.external)
             self.serving[spec.key] = spec
             if spec.key.protocol == "TCP":
                 self._post("retarget", spec)
@@ -314,7 +314,7 @@ class Proxier:
             return
         target = Target(self.traffic.service(spec.pool.name), self.pools[spec.pool], spec.source_ranges,
                         local_traffic_pool=self._local_traffic_pool(spec), local_sources=self.local_sources,
-                        proxy_protocol=spec.proxy_protocol, external_local=spec.external_local)
+                        proxy_protocol=spec.proxy_protocol, external=spec.external)
         try:
             await self.listeners.open_listener(key, target)
         except OSError as e:

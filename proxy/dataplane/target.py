@@ -41,12 +41,12 @@ class LocalSources:
 class Target:
     """What a listener forwards to. Mutated in place on retarget; accepts read it per connection."""
 
-    __slots__ = ("allowed", "external_local", "local_sources", "local_traffic_pool", "name", "pool", "proxy_protocol",
+    __slots__ = ("allowed", "external", "local_sources", "local_traffic_pool", "name", "pool", "proxy_protocol",
                  "traffic")
 
     def __init__(self, traffic: ServiceTraffic, pool: Pool, source_ranges: tuple[str, ...] | None = None, *,
                  local_traffic_pool: Pool | None = None, local_sources: LocalSources | None = None,
-                 proxy_protocol: int = 0, external_local: bool = False) -> None:
+                 proxy_protocol: int = 0, external: str = "") -> None:
         self.traffic = traffic
         """The service port's traffic counts, which every frontend of it shares."""
         self.name = str(traffic.name)
@@ -58,11 +58,12 @@ class Target:
         self.set_source_ranges(source_ranges)
         self.proxy_protocol = proxy_protocol
         """PROXY protocol version each endpoint is sent first (proxyproto.py); 0 = none."""
-        self.external_local = external_local
-        """A frontend for outside clients (nodePort, externalIP, LB IP) with externalTrafficPolicy: Local."""
+        self.external = external
+        """For a frontend outside clients use (nodePort, externalIP, LB IP): its externalTrafficPolicy,
+        "Cluster" or "Local"; "" for a clusterIP."""
 
     def retarget(self, traffic: ServiceTraffic, pool: Pool, source_ranges: tuple[str, ...] | None,
-                 local_traffic_pool: Pool | None, proxy_protocol: int, external_local: bool) -> None:
+                 local_traffic_pool: Pool | None, proxy_protocol: int, external: str) -> None:
         """Take a changed listener's new settings; connections accepted from now on see them."""
         self.traffic = traffic
         self.name = str(traffic.name)
@@ -70,7 +71,7 @@ class Target:
         self.local_traffic_pool = local_traffic_pool
         self.set_source_ranges(source_ranges)
         self.proxy_protocol = proxy_protocol
-        self.external_local = external_local
+        self.external = external
 
     def set_source_ranges(self, ranges: tuple[str, ...] | None) -> None:
         self.allowed = None if ranges is None else tuple(ipaddress.ip_network(r) for r in ranges)
@@ -87,12 +88,15 @@ class Target:
 
     def keeps_client_address(self, client_ip: str, endpoint_ip: str) -> bool:
         """Whether the endpoint should see the client's own address rather than the node's, as
-        kube-proxy decides with its --cluster-cidr local detector: kept for pods (but a pod
-        reaching itself, the hairpin, sees the node), never for the node itself, and for outside
-        clients only on externalTrafficPolicy: Local frontends (kube-proxy masquerades the rest)."""
+        kube-proxy's iptables and nftables modes decide (with the --cluster-cidr local detector):
+        never for the node itself, nor for a pod reaching itself (the hairpin); at a clusterIP,
+        for pods only (off-cluster clients are masqueraded); at a nodePort, externalIP or LB IP,
+        only with externalTrafficPolicy: Local (Cluster masquerades everyone there)."""
         if client_ip == endpoint_ip or self.local_sources.is_node(client_ip):
             return False
-        return self.local_sources.is_pod(client_ip) or self.external_local
+        if self.external:
+            return self.external == "Local"
+        return self.local_sources.is_pod(client_ip)
 
     def pool_for(self, client_ip: str | None) -> Pool:
         """The pool a client uses: local traffic to an eTP Local frontend goes to Cluster endpoints."""

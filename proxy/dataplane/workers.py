@@ -199,7 +199,7 @@ class Helper:
             spec: ListenerSpec = args[0]
             self.listeners[spec.key][0].retarget(self.traffic.service(spec.pool.name), self.pools[spec.pool],
                                                  spec.source_ranges, self._local_pool(spec), spec.proxy_protocol,
-                                                 spec.external_local)
+                                                 spec.external)
         elif kind == "close":
             entry = self.listeners.pop(args[0], None)
             if entry is not None:
@@ -219,7 +219,7 @@ class Helper:
     async def _open(self, spec: ListenerSpec, sock: socket.socket) -> None:
         target = Target(self.traffic.service(spec.pool.name), self.pools[spec.pool], spec.source_ranges,
                         local_traffic_pool=self._local_pool(spec), local_sources=self.local_sources,
-                        proxy_protocol=spec.proxy_protocol, external_local=spec.external_local)
+                        proxy_protocol=spec.proxy_protocol, external=spec.external)
         old = self.listeners.pop(spec.key, None)
         if old is not None:
             old[1]()

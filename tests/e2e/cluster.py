@@ -49,8 +49,10 @@ HTTP_PORTS = (8080, 9090)
 UDP_PORT = 5300
 NODE_ZONES = {1: "zone-a", 2: "zone-b", 3: "zone-b"}
 """topology.kubernetes.io/zone of each node (the Node objects in nodes.yaml)."""
-NODE_FORWARDING = {1: "transports", 2: "sockets", 3: "splice"}
+NODE_FORWARDING = {1: "sockets", 2: "splice", 3: "transports"}
 """Each node's svcproxy forwards TCP its own way (--forwarding), so every test covers every mode."""
+NODE_TRANSPARENT = {1: "on", 2: "on", 3: "auto"}
+"""--transparent per node: on where the mode supports it (transports does not, so auto turns it off)."""
 CLIENT_IP = "10.10.10.100"
 CLIENT_IP6 = "fd00:10::100"
 
@@ -270,7 +272,8 @@ class Cluster:
                 "--manifests", str(self.manifests), "--hostname-override", node.name,
                 "--healthz-bind-address", "0.0.0.0:10256", "--metrics-bind-address", "127.0.0.1:10249",
                 "--nodeport-addresses", f"{node.ip4}/32,{node.ip6}/128", "--drain-timeout", "1s",
-                "--cluster-cidr", "10.244.0.0/16,fd00:244::/40", "--forwarding", NODE_FORWARDING[node.index])
+                "--cluster-cidr", "10.244.0.0/16,fd00:244::/40", "--forwarding", NODE_FORWARDING[node.index],
+                "--transparent", NODE_TRANSPARENT[node.index])
         for pod in self.pods:
             eventually(lambda pod: "ready" in self.log(pod.name), pod, timeout=20, what=f"{pod.name} serving")
 

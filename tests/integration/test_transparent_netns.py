@@ -3,9 +3,9 @@
 One node namespace with svcproxy, two pods on routed veths (as Calico and the e2e cluster wire
 them: pod-to-pod traffic crosses the node's IP layer) and an outside client. Each pod serves
 ``GET /peer`` with the client address it sees. kube-proxy's rules (iptables/nftables modes with
-the --cluster-cidr local detector): a pod keeps its address to any Service address, but reaching
-itself (hairpin) it is the node; the node itself is the node; an outside client keeps its address
-on an externalTrafficPolicy: Local nodePort and is the node on a Cluster one. ``--cleanup``
+the --cluster-cidr local detector): a pod keeps its address at a clusterIP, but reaching itself
+(hairpin) it is the node; the node itself is the node; at a nodePort, clients keep their address
+with externalTrafficPolicy: Local and are the node with Cluster. ``--cleanup``
 removes the nftables table and the policy-routing rules.
 """
 
@@ -142,7 +142,9 @@ def test_who_keeps_the_client_address(cluster: dict[str, str], tmp_path: Path, m
         # A pod keeps its address, IPv4 and IPv6 ...
         assert peer(cluster["pb"], VIP4, 80) == f"pa peer {POD_B[0]}"
         assert peer(cluster["pb"], VIP6, 80) == f"pa peer {POD_B[2]}"
-        assert peer(cluster["pb"], NODE_OUT[0], 30080) == f"pa peer {POD_B[0]}"  # to a nodePort too
+        # At a nodePort a pod keeps it with externalTrafficPolicy: Local; Cluster masquerades it.
+        assert peer(cluster["pb"], NODE_OUT[0], 30081) == f"pa peer {POD_B[0]}"
+        assert peer(cluster["pb"], NODE_OUT[0], 30080) == f"pa peer {POD_B[1]}"
         # ... except to itself (the hairpin): then it is the node.
         assert peer(cluster["pa"], VIP4, 80) == f"pa peer {POD_A[1]}"
         # The node itself is the node.

@@ -16,34 +16,42 @@ OTHER_POD4, OTHER_POD6 = "10.244.2.7", "fd00:244:2::7"
 OUTSIDE4, OUTSIDE6 = "203.0.113.9", "2001:db8:ffff::9"
 
 
-def target(*, external_local: bool) -> Target:
+def target(*, external: str = "") -> Target:
     sources = LocalSources()
     sources.update([NODE4, NODE6], ["10.244.0.0/16", "fd00:244::/40"])
     return Target(ServiceTraffic(ServicePortName("ns", "web", "http", "TCP")), Pool((), clock=lambda: 0.0),
-                  local_sources=sources, external_local=external_local)
+                  local_sources=sources, external=external)
 
 
-@pytest.mark.parametrize(("client", "endpoint", "external_local", "kept"), [
-    # From a pod, to any Service address: kept, whichever node the endpoint is on ...
-    (POD4, OTHER_POD4, False, True),
-    (POD6, OTHER_POD6, False, True),
-    (POD4, OTHER_POD4, True, True),
+CLUSTER_IP, ETP_CLUSTER, ETP_LOCAL = "", "Cluster", "Local"
+
+
+@pytest.mark.parametrize(("client", "endpoint", "frontend", "kept"), [
+    # At a clusterIP, a pod keeps its address, whichever node the endpoint is on ...
+    (POD4, OTHER_POD4, CLUSTER_IP, True),
+    (POD6, OTHER_POD6, CLUSTER_IP, True),
     # ... but a pod reaching itself through its Service sees the node (the hairpin).
-    (POD4, POD4, False, False),
-    (POD6, POD6, True, False),
-    # From the node itself: the node's address.
-    (NODE4, POD4, False, False),
-    ("127.0.0.1", POD4, True, False),
-    ("::1", POD6, True, False),
-    # From outside: kept on externalTrafficPolicy: Local frontends, masqueraded elsewhere.
-    (OUTSIDE4, POD4, True, True),
-    (OUTSIDE6, POD6, True, True),
-    (OUTSIDE4, POD4, False, False),
-    (OUTSIDE6, POD6, False, False),
-], ids=["pod-v4", "pod-v6", "pod-to-etp-local", "hairpin-v4", "hairpin-v6", "node", "loopback", "loopback-v6",
-        "outside-etp-local", "outside-etp-local-v6", "outside-etp-cluster", "outside-etp-cluster-v6"])
-def test_kube_proxys_rules(client: str, endpoint: str, external_local: bool, kept: bool) -> None:
-    assert target(external_local=external_local).keeps_client_address(client, endpoint) is kept
+    (POD4, POD4, CLUSTER_IP, False),
+    (POD6, POD6, ETP_LOCAL, False),
+    # The node itself is the node, everywhere.
+    (NODE4, POD4, CLUSTER_IP, False),
+    ("127.0.0.1", POD4, ETP_LOCAL, False),
+    ("::1", POD6, ETP_LOCAL, False),
+    # Off-cluster clients of a clusterIP are masqueraded.
+    (OUTSIDE4, POD4, CLUSTER_IP, False),
+    # At a nodePort, externalIP or LB IP: kept with externalTrafficPolicy: Local, pods included ...
+    (OUTSIDE4, POD4, ETP_LOCAL, True),
+    (OUTSIDE6, POD6, ETP_LOCAL, True),
+    (POD4, OTHER_POD4, ETP_LOCAL, True),
+    # ... and masqueraded with Cluster, pods included (kube-proxy's KUBE-EXT chain marks them all).
+    (OUTSIDE4, POD4, ETP_CLUSTER, False),
+    (OUTSIDE6, POD6, ETP_CLUSTER, False),
+    (POD4, OTHER_POD4, ETP_CLUSTER, False),
+], ids=["pod-v4", "pod-v6", "hairpin-v4", "hairpin-v6", "node", "loopback", "loopback-v6", "outside-to-cluster-ip",
+        "outside-etp-local", "outside-etp-local-v6", "pod-etp-local", "outside-etp-cluster",
+        "outside-etp-cluster-v6", "pod-etp-cluster"])
+def test_kube_proxys_rules(client: str, endpoint: str, frontend: str, kept: bool) -> None:
+    assert target(external=frontend).keeps_client_address(client, endpoint) is kept
 
 
 def test_without_a_cluster_cidr_no_client_is_a_pod() -> None:

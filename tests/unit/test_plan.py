@@ -336,7 +336,7 @@ def test_external_local_policy_without_local_endpoints_keeps_cluster_endpoints_f
     assert table.listeners[tcp("10.96.0.10", 80)].local_traffic_pool is None  # internal traffic: no
     # Outside clients of the nodePort keep their address (kube-proxy does not masquerade eTP Local);
     # the clusterIP is no external frontend, whatever the policy.
-    assert spec.external_local and not table.listeners[tcp("10.96.0.10", 80)].external_local
+    assert spec.external == "Local" and table.listeners[tcp("10.96.0.10", 80)].external == ""
 
 
 def test_internal_local_policy_without_local_endpoints_opens_no_cluster_ip_listener() -> None:
