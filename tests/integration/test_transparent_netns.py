@@ -144,7 +144,7 @@ def test_who_keeps_the_client_address(cluster: dict[str, str], tmp_path: Path, m
         assert peer(cluster["pb"], VIP6, 80) == f"pa peer {POD_B[2]}"
         # At a nodePort a pod keeps it with externalTrafficPolicy: Local; Cluster masquerades it.
         assert peer(cluster["pb"], NODE_OUT[0], 30081) == f"pa peer {POD_B[0]}"
-        assert peer(cluster["pb"], NODE_OUT[0], 30080) == f"pa peer {POD_B[1]}"
+        assert peer(cluster["pb"], NODE_OUT[0], 30080) == f"pa peer {POD_A[1]}"
         # ... except to itself (the hairpin): then it is the node.
         assert peer(cluster["pa"], VIP4, 80) == f"pa peer {POD_A[1]}"
         # The node itself is the node.
