@@ -190,6 +190,9 @@ _SERVICE_FAMILIES = (
     ("counter", "svcproxy_service_datagrams", "UDP datagrams received from clients and from endpoints",
      ("direction",)),
     ("counter", "svcproxy_service_connect_retries", "Dials to another endpoint after a failed one", ()),
+    ("counter", "svcproxy_service_transparent_connections",
+     "Connections (UDP: flows) whose endpoint saw the client's own address (--transparent); the others saw "
+     "this node's", ()),
     ("counter", "svcproxy_connections_refused",
      "Connections reset or closed without reaching an endpoint (UDP: datagrams that could open no flow), by "
      "reason: no_endpoints, source_ranges, max_connections, max_connections_per_service, endpoints_failed "
@@ -249,6 +252,7 @@ class TrafficCollector(Collector):
             labels = [name.namespace, name.name, name.port, name.protocol]
             udp = name.protocol == "UDP"
             traffic("svcproxy_service", labels, svc, udp)
+            add("svcproxy_service_transparent_connections", labels, svc.transparent)
             for reason, n in sorted(svc.errors.items()):
                 add("svcproxy_connections_refused", [*labels, reason], n)
             if not udp:

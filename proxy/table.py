@@ -41,12 +41,24 @@ def _endpoint(ep: Endpoint, node: str, ejected: Mapping[Address, float], active:
             "activeConnections": active[ep.ip, ep.port]}
 
 
+def client_address(spec: ListenerSpec, transparent: bool) -> str:
+    """Whose address the endpoints see (Target.keeps_client_address): "node" (this node's, for
+    every client), "pods" (a pod's own, others the node's) or "clients" (every client's own but
+    this node's own traffic and the hairpin)."""
+    if not transparent:
+        return "node"
+    if not spec.external:
+        return "pods"
+    return "clients" if spec.external == "Local" else "node"
+
+
 def view(serving: Mapping[ListenerKey, ListenerSpec], pools: Mapping[PoolKey, Pool], *, node: str,
          ejected: Iterable[tuple[str, int, float]] = (), connected: Iterable[Endpoint | None] = (),
-         elsewhere: Mapping[Address, int] | None = None) -> list[Row]:
+         elsewhere: Mapping[Address, int] | None = None, transparent: bool = False) -> list[Row]:
     """One row per open frontend, sorted by Service, type and address. Pure: the caller gathers
     the live state (``ejected``: (ip, port, seconds left); ``connected``: each live connection's
-    endpoint, None while it dials; ``elsewhere``: connections per endpoint in worker processes)."""
+    endpoint, None while it dials; ``elsewhere``: connections per endpoint in worker processes;
+    ``transparent``: --transparent is in effect)."""
     out: dict[Address, float] = {(ip, port): left for ip, port, left in ejected}
     active: Counter[Address] = Counter((ep.ip, ep.port) for ep in connected if ep is not None)
     active.update(elsewhere or {})
@@ -60,6 +72,7 @@ def view(serving: Mapping[ListenerKey, ListenerSpec], pools: Mapping[PoolKey, Po
             "sessionAffinityTimeout": pool.affinity_timeout if pool is not None else 0,
             "sourceRanges": list(spec.source_ranges) if spec.source_ranges is not None else None,
             "proxyProtocol": f"v{spec.proxy_protocol}" if spec.proxy_protocol else None,
+            "clientAddress": client_address(spec, transparent),
             "endpoints": [_endpoint(ep, node, out, active) for ep in sorted(pool.endpoints if pool else (),
                                                                             key=_order)],
             "localTrafficEndpoints": None if local_pool is None else [
@@ -92,6 +105,8 @@ def render(rows: Sequence[Row]) -> str:
             extra.append("from " + ",".join(r["sourceRanges"]))
         if r.get("proxyProtocol"):
             extra.append(f"proxy-protocol {r['proxyProtocol']}")
+        if r.get("clientAddress", "node") != "node":
+            extra.append(f"client-address {r['clientAddress']}")
         lines.append(" ".join([f"{r['protocol']:<4}", f"{_host_port(r['address'], r['port']):<21}",
                                f"{r['type']:<12}", r["service"], r["policy"], *extra]))
         groups = [("", r["endpoints"])]
@@ -115,7 +130,8 @@ def routes(proxier: Proxier) -> list[web.RouteDef]:
                 elsewhere.update({address: ep.active for address, ep in port.endpoints.items()})
         rows = view(proxier.serving, proxier.pools, node=proxier.node_name,
                     ejected=proxier.outliers.ejected_now(),
-                    connected=[conn.endpoint for conn in proxier.connections.live], elsewhere=elsewhere)
+                    connected=[conn.endpoint for conn in proxier.connections.live], elsewhere=elsewhere,
+                    transparent=proxier.connections.limits.transparent)
         return web.json_response(rows)
 
     return [web.get("/debug/services", services)]

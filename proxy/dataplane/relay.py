@@ -240,8 +240,8 @@ class Relay:
     """A proxied connection: the accepted client, the dial, then bytes pumped both ways."""
 
     __slots__ = ("accepted", "active", "backend", "client", "client_addr", "client_ip", "closing", "dialing",
-                 "endpoint", "endpoint_traffic", "failed", "forwarder", "pool", "quiet", "source", "splice", "step",
-                 "target", "timed_out", "timer", "traffic", "trying")
+                 "endpoint", "endpoint_traffic", "failed", "forwarder", "kept", "pool", "quiet", "source", "splice",
+                 "step", "target", "timed_out", "timer", "traffic", "trying")
 
     def __init__(self, forwarder: SocketForwarder, target: Target, sock: socket.socket) -> None:
         self.forwarder = forwarder
@@ -268,6 +268,8 @@ class Relay:
         """Kept only for a PROXY protocol header."""
         self.source: str | None = None
         """The client's address, kept when dials may leave from it (--transparent)."""
+        self.kept = False
+        """The dial left from the client's address."""
         self.pool: Pool = target.pool
         self.failed: list[Endpoint] = []
         self.step = 0
@@ -364,7 +366,9 @@ class Relay:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if fw.keepalive:
                     set_keepalive(sock, fw.keepalive)
-                if self.source is not None and self.target.keeps_client_address(self.source, ep.ip):
+                self.kept = self.source is not None and self.target.keeps_client_address(self.source, ep.ip)
+                if self.kept:
+                    assert self.source is not None
                     tproxy.bind_transparent(sock, self.source)
                 code = sock.connect_ex((ep.ip, ep.port))
             except OSError as e:
@@ -450,6 +454,8 @@ class Relay:
         if pool.outliers is not None and pool.outliers.ejections:
             pool.outliers.succeeded(ep)
         self.endpoint_traffic = self.traffic.connected(ep, time.perf_counter() - self.accepted)
+        if self.kept:
+            self.traffic.transparent += 1
         client = self.client
         self.backend = backend
         client.peer, backend.peer = backend, client

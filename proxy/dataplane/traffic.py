@@ -73,7 +73,8 @@ class EndpointTraffic(Counts):
 class ServiceTraffic(Counts):
     """One service port's counts, shared by all its frontends (clusterIP, nodePort, ...)."""
 
-    __slots__ = ("_registry", "connect_buckets", "connect_sum", "endpoints", "name", "refused", "retries")
+    __slots__ = ("_registry", "connect_buckets", "connect_sum", "endpoints", "name", "refused", "retries",
+                 "transparent")
 
     def __init__(self, name: ServicePortName, registry: Traffic | None = None) -> None:
         super().__init__()
@@ -85,6 +86,8 @@ class ServiceTraffic(Counts):
         self.connect_sum = 0.0
         self.retries = 0
         """Dials beyond the first for a connection: another endpoint tried after a failure."""
+        self.transparent = 0
+        """Connections (UDP: flows) whose endpoint saw the client's own address (--transparent)."""
         self.refused: dict[str, int] = {}
         """Connections (UDP: datagrams that could open no flow) turned away, by reason."""
 
@@ -209,6 +212,7 @@ class Summary:
 @dataclasses.dataclass
 class PortSummary(Summary):
     retries: int = 0
+    transparent: int = 0
     connect_buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(CONNECT_BUCKETS) + 1))
     connect_sum: float = 0.0
     endpoints: dict[Address, Summary] = dataclasses.field(default_factory=dict)
@@ -217,6 +221,7 @@ class PortSummary(Summary):
         super().add(other)
         if isinstance(other, PortSummary):
             self.retries += other.retries
+            self.transparent += other.transparent
             self.connect_buckets = [a + b for a, b in zip(self.connect_buckets, other.connect_buckets, strict=True)]
             self.connect_sum += other.connect_sum
             for address, ep in other.endpoints.items():
@@ -247,7 +252,8 @@ def summarize(traffic: Traffic, live: Iterable[Live]) -> Summaries:
     for name, svc in traffic.services.items():
         if svc.opened or svc.refused:
             out[name] = PortSummary(
-                **numbers(svc, svc.refused), retries=svc.retries, connect_buckets=list(svc.connect_buckets),
+                **numbers(svc, svc.refused), retries=svc.retries, transparent=svc.transparent,
+                connect_buckets=list(svc.connect_buckets),
                 connect_sum=svc.connect_sum,
                 endpoints={address: Summary(**numbers(ep, ep.errors)) for address, ep in svc.endpoints.items()})
     return out

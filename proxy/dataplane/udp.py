@@ -42,7 +42,8 @@ class Flow:
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             self.sock.setblocking(False)
-            if frontend.transparent and frontend.target.keeps_client_address(client[0], endpoint.ip):
+            kept = frontend.transparent and frontend.target.keeps_client_address(client[0], endpoint.ip)
+            if kept:
                 tproxy.bind_transparent(self.sock, client[0])
             self.sock.connect((endpoint.ip, endpoint.port))
         except BaseException:
@@ -53,6 +54,8 @@ class Flow:
         self.bytes_in = self.bytes_out = self.datagrams_in = self.datagrams_out = 0
         self.traffic: ServiceTraffic = frontend.target.traffic
         self.endpoint_traffic: EndpointTraffic = self.traffic.flow_opened(endpoint)
+        if kept:
+            self.traffic.transparent += 1
 
     def send(self, data: bytes, now: float) -> None:
         self.last_seen = now

@@ -72,6 +72,11 @@ def peer(ns: str, host: str, port: int, protocol: str = "tcp") -> str:
     return str(json.loads(out.stdout)) if out.returncode == 0 else f"probe failed: {out.stderr[-300:]}"
 
 
+def fetch(ns: str, path: str) -> str:
+    code = f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:10249{path}').read().decode())"
+    return sh("ip", "netns", "exec", ns, sys.executable, "-c", code)
+
+
 def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -134,7 +139,8 @@ def test_who_keeps_the_client_address(cluster: dict[str, str], tmp_path: Path, m
     write_manifests(tmp_path / "svc.yaml", objs)
     pod = start(cluster["pa"], str(PODSERVER), "pa", "--addr", POD_A[0], "--addr", POD_A[2], "--tcp=8080", "--udp=5300")
     proxy = start(node, "-m", "proxy", "--manifests", str(tmp_path), "--hostname-override", "node-a",
-                  "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "", "--drain-timeout", "1s",
+                  "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:10249",
+                  "--drain-timeout", "1s",
                   "--cluster-cidr", "10.244.0.0/16,fd00:244::/32", "--transparent", "on", "--forwarding", mode)
     try:
         assert pod.stdout is not None and pod.stdout.readline().strip() == "ready"
@@ -158,6 +164,14 @@ def test_who_keeps_the_client_address(cluster: dict[str, str], tmp_path: Path, m
         assert peer(node, "10.96.0.12", 53, "udp") == f"pa peer {POD_A[1]}"
         # Many connections, in a row: replies keep finding their way back.
         assert {peer(cluster["pb"], VIP4, 80) for _ in range(20)} == {f"pa peer {POD_B[0]}"}
+        # Metrics and the routing table say which connections kept their client's address.
+        metrics = fetch(node, "/metrics")
+        kept = {line.split('service="')[1].split('"')[0]: float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("svcproxy_service_transparent_connections_total{")}
+        assert kept == {"web": 22.0, "local": 2.0, "dns": 1.0}, kept  # pb: 20 + v4 + v6; pb and outside; pb
+        table = {(r["address"], r["port"]): r["clientAddress"] for r in json.loads(fetch(node, "/debug/services"))}
+        assert table[VIP4, 80] == "pods" and table[NODE_OUT[0], 30081] == "clients"
+        assert table[NODE_OUT[0], 30080] == "node"
     finally:
         proxy.send_signal(signal.SIGTERM)
         out, _ = proxy.communicate(timeout=15)

@@ -49,6 +49,12 @@ def test_rows_carry_frontends_policies_and_endpoint_state() -> None:
     assert "TCP  [fd00::10]:80" in text and "-> [fd00::5]:8080" in text
     assert "LoadBalancer shop/web:http/TCP Local from 198.51.100.0/24" in text
     assert "(node-local traffic)" in text
+    assert {r["clientAddress"] for r in rows} == {"node"} and "client-address" not in text
+
+    # With --transparent: pods keep their address at a clusterIP, every client at an eTP Local LB IP.
+    rows = view(serving, pools, node="node-a", transparent=True)
+    assert [r["clientAddress"] for r in rows] == ["pods", "pods", "clients"]
+    assert "Local from 198.51.100.0/24 client-address clients" in render(rows)
 
 
 def test_a_frontend_whose_pool_is_gone_shows_no_endpoints() -> None:
