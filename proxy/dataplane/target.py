@@ -91,8 +91,10 @@ class Target:
         kube-proxy's iptables and nftables modes decide (with the --cluster-cidr local detector):
         never for the node itself, nor for a pod reaching itself (the hairpin); at a clusterIP,
         for pods only (off-cluster clients are masqueraded); at a nodePort, externalIP or LB IP,
-        only with externalTrafficPolicy: Local (Cluster masquerades everyone there)."""
-        if client_ip == endpoint_ip or self.local_sources.is_node(client_ip):
+        only with externalTrafficPolicy: Local (Cluster masquerades everyone there). Never to an
+        endpoint on this node's own addresses (hostNetwork): its replies would leave by the output
+        path, which the reply steering does not see."""
+        if client_ip == endpoint_ip or self.local_sources.is_node(client_ip) or self.local_sources.is_node(endpoint_ip):
             return False
         if self.external:
             return self.external == "Local"

@@ -47,9 +47,12 @@ CLUSTER_IP, ETP_CLUSTER, ETP_LOCAL = "", "Cluster", "Local"
     (OUTSIDE4, POD4, ETP_CLUSTER, False),
     (OUTSIDE6, POD6, ETP_CLUSTER, False),
     (POD4, OTHER_POD4, ETP_CLUSTER, False),
+    # An endpoint on the node's own address (hostNetwork) answers through the output path: the node.
+    (POD4, NODE4, CLUSTER_IP, False),
+    (OUTSIDE6, NODE6, ETP_LOCAL, False),
 ], ids=["pod-v4", "pod-v6", "hairpin-v4", "hairpin-v6", "node", "loopback", "loopback-v6", "outside-to-cluster-ip",
         "outside-etp-local", "outside-etp-local-v6", "pod-etp-local", "outside-etp-cluster",
-        "outside-etp-cluster-v6", "pod-etp-cluster"])
+        "outside-etp-cluster-v6", "pod-etp-cluster", "host-network-endpoint", "host-network-endpoint-v6"])
 def test_kube_proxys_rules(client: str, endpoint: str, frontend: str, kept: bool) -> None:
     assert target(external=frontend).keeps_client_address(client, endpoint) is kept
 
