@@ -18,12 +18,13 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from testbed import routednet
+from testbed.routednet import sh
 from tests.integration.harness import endpoint_slice, service, write_manifests
 
 pytestmark = [
@@ -34,10 +35,11 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[2]
 PODSERVER = REPO / "testbed" / "podserver.py"
-# (pod address, the node's end of its veth), IPv4 and IPv6; each pod on its own routed link.
-POD_A = ("10.244.1.10", "10.244.1.9", "fd00:244:1:a::2", "fd00:244:1:a::1")
-POD_B = ("10.244.1.14", "10.244.1.13", "fd00:244:1:b::2", "fd00:244:1:b::1")
-NODE_OUT, OUTSIDE = ("198.51.100.1", "2001:db8:1::1"), ("198.51.100.2", "2001:db8:1::2")
+# (pod address, the node's end of its veth, the same in IPv6): each pod on its own routed link.
+POD_A = (routednet.POD_A.ip4, routednet.POD_A.gateway4, routednet.POD_A.ip6, routednet.POD_A.gateway6)
+POD_B = (routednet.POD_B.ip4, routednet.POD_B.gateway4, routednet.POD_B.ip6, routednet.POD_B.gateway6)
+NODE_OUT, OUTSIDE = (routednet.OUTSIDE.gateway4, routednet.OUTSIDE.gateway6), (routednet.OUTSIDE.ip4,
+                                                                                 routednet.OUTSIDE.ip6)
 VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
 
 PROBE = r"""
@@ -62,10 +64,6 @@ except OSError as e:
 """
 
 
-def sh(*cmd: str) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=20).stdout
-
-
 def peer(ns: str, host: str, port: int, protocol: str = "tcp") -> str:
     out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", PROBE, host, str(port), protocol],
                          capture_output=True, text=True, timeout=20)
@@ -87,35 +85,8 @@ def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
 
 @pytest.fixture
 def cluster() -> Iterator[dict[str, str]]:
-    tag = uuid.uuid4().hex[:6]
-    names = {role: f"svcp-{role}-{tag}" for role in ("node", "pa", "pb", "out")}
-    try:
-        for ns in names.values():
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        node = names["node"]
-        sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
-           "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0")
-        links = [("pa", POD_A[1], POD_A[0], POD_A[3], POD_A[2], 30),
-                 ("pb", POD_B[1], POD_B[0], POD_B[3], POD_B[2], 30),
-                 ("out", NODE_OUT[0], OUTSIDE[0], NODE_OUT[1], OUTSIDE[1], 24)]
-        for role, node4, far4, node6, far6, prefix in links:
-            ns, near = names[role], f"v{role}{tag}"
-            sh("ip", "link", "add", near, "netns", node, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            sh("ip", "-n", node, "addr", "add", f"{node4}/{prefix}", "dev", near)
-            sh("ip", "-n", node, "addr", "add", f"{node6}/64", "dev", near, "nodad")
-            sh("ip", "-n", ns, "addr", "add", f"{far4}/{prefix}", "dev", "eth0")
-            sh("ip", "-n", ns, "addr", "add", f"{far6}/64", "dev", "eth0", "nodad")
-            for n, dev in ((node, near), (ns, "eth0")):
-                sh("ip", "-n", n, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "route", "add", "default", "via", node4)
-            sh("ip", "-n", ns, "-6", "route", "add", "default", "via", node6)
+    with routednet.routed_node() as names:
         yield names
-    finally:
-        for ns in names.values():
-            for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
-                subprocess.run(["kill", "-9", pid], capture_output=True)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def start(ns: str, *args: str) -> subprocess.Popen[str]:
@@ -141,7 +112,7 @@ def test_who_keeps_the_client_address(cluster: dict[str, str], tmp_path: Path, m
     proxy = start(node, "-m", "proxy", "--manifests", str(tmp_path), "--hostname-override", "node-a",
                   "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:10249",
                   "--drain-timeout", "1s",
-                  "--cluster-cidr", "10.244.0.0/16,fd00:244::/32", "--transparent", "on", "--forwarding", mode)
+                  "--cluster-cidr", routednet.CLUSTER_CIDRS, "--transparent", "on", "--forwarding", mode)
     try:
         assert pod.stdout is not None and pod.stdout.readline().strip() == "ready"
         wait_for(lambda: peer(node, VIP4, 80).startswith("pa peer"))
