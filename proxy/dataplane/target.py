@@ -17,25 +17,40 @@ class LocalSources:
     (its addresses, loopback) and the cluster's pods (``--cluster-cidr``), as kube-proxy's
     detect-local does. One instance is shared by every Target and updated when node facts change."""
 
+    _NODE, _POD = 1, 2
+    _CACHED = 4096
+    """Addresses whose kind is remembered: a parse and a walk over the networks cost microseconds,
+    and --transparent asks for every connection."""
+
     def __init__(self) -> None:
         self.node: tuple[Network, ...] = _LOOPBACK
         self.pods: tuple[Network, ...] = ()
+        self._kinds: dict[str, int] = {}
 
     def update(self, node_addresses: Iterable[str], cluster_cidrs: Iterable[str]) -> None:
         self.node = (*_LOOPBACK, *(ipaddress.ip_network(a) for a in node_addresses))
         self.pods = tuple(ipaddress.ip_network(c, strict=False) for c in cluster_cidrs)
+        self._kinds = {}
+
+    def _kind(self, ip: str) -> int:
+        kind = self._kinds.get(ip)
+        if kind is None:
+            addr = ipaddress.ip_address(ip)
+            kind = (self._NODE if any(addr in net for net in self.node) else 0) | \
+                (self._POD if any(addr in net for net in self.pods) else 0)
+            if len(self._kinds) >= self._CACHED:
+                self._kinds.clear()
+            self._kinds[ip] = kind
+        return kind
 
     def __contains__(self, client_ip: str) -> bool:
-        addr = ipaddress.ip_address(client_ip)
-        return any(addr in net for net in self.node) or any(addr in net for net in self.pods)
+        return self._kind(client_ip) != 0
 
-    def is_node(self, client_ip: str) -> bool:
-        addr = ipaddress.ip_address(client_ip)
-        return any(addr in net for net in self.node)
+    def is_node(self, ip: str) -> bool:
+        return self._kind(ip) & self._NODE != 0
 
-    def is_pod(self, client_ip: str) -> bool:
-        addr = ipaddress.ip_address(client_ip)
-        return any(addr in net for net in self.pods)
+    def is_pod(self, ip: str) -> bool:
+        return self._kind(ip) & self._POD != 0
 
 
 class Target:

@@ -60,3 +60,11 @@ def test_kube_proxys_rules(client: str, endpoint: str, frontend: str, kept: bool
 def test_without_a_cluster_cidr_no_client_is_a_pod() -> None:
     t = Target(ServiceTraffic(ServicePortName("ns", "web", "http", "TCP")), Pool((), clock=lambda: 0.0))
     assert not t.keeps_client_address(POD4, OTHER_POD4)
+
+
+def test_a_changed_cluster_cidr_or_node_address_is_seen_at_once() -> None:
+    sources = LocalSources()
+    assert not sources.is_pod(POD4) and not sources.is_node(NODE4)  # remembered ...
+    sources.update([NODE4], ["10.244.0.0/16"])
+    assert sources.is_pod(POD4) and sources.is_node(NODE4)  # ... and forgotten on an update
+    assert POD4 in sources and OUTSIDE4 not in sources
