@@ -101,6 +101,9 @@ class Forwarder(Protocol):
     async def serve(self, sock: socket.socket, target: Target) -> Callable[[], None]:
         """Start accepting on ``sock`` (bound and listening); returns what stops it."""
 
+    def close(self) -> None:
+        """Release what the mode holds of its own (its listeners are stopped one by one)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Limits:

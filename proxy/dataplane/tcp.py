@@ -394,3 +394,6 @@ class TransportForwarder:
         server = await self._loop.create_server(client_factory(target, self.connections, self._loop), sock=sock,
                                                 backlog=self._backlog)
         return server.close
+
+    def close(self) -> None:
+        pass  # nothing of its own beyond its servers

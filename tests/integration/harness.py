@@ -14,6 +14,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import App
+from proxy.dataplane import forwarding as forwarding_modes
+from proxy.dataplane.connections import Connections
+from proxy.dataplane.target import Target
 from proxy.settings import Settings
 
 forwarding = Settings.forwarding
@@ -73,6 +76,23 @@ async def running_proxy(directory: Path, objects: Sequence[dict[str, Any]] = (),
         yield app
     finally:
         await app.stop()
+
+
+@contextlib.asynccontextmanager
+async def forwarding_to(target: Target, connections: Connections, mode: str = "") -> AsyncIterator[int]:
+    """A forwarding mode (default: the test's) serving ``target`` on a loopback port (yielded),
+    without the rest of svcproxy."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    forwarder = forwarding_modes.forwarder(mode or forwarding, asyncio.get_running_loop(), connections)
+    stop = await forwarder.serve(sock, target)
+    try:
+        yield port
+    finally:
+        stop()
+        forwarder.close()
 
 
 class Whoami(asyncio.Protocol):

@@ -8,23 +8,21 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import uvloop
 
 from proxy.balancer import Pool
-from proxy.dataplane import forwarding
 from proxy.dataplane.connections import Connections
 from proxy.dataplane.target import Target
 from proxy.dataplane.traffic import ServiceTraffic
 from proxy.model import Endpoint, Family, ServicePortName
-from tests.integration import harness
 from tests.integration.harness import (
     ask,
     endpoint_slice,
     eventually,
+    forwarding_to,
     hung_listener,
     refused,
     running_proxy,
@@ -343,20 +341,6 @@ async def test_a_dead_endpoint_is_ejected_then_comes_back(tmp_path: Path, caplog
             assert app.proxier.outliers.ejections == {}
 
 
-@contextlib.asynccontextmanager
-async def forwarding_to(target: Target, connections: Connections) -> AsyncIterator[int]:
-    """The test's forwarding mode serving ``target`` on a loopback port (yielded)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    port = sock.getsockname()[1]
-    stop = await forwarding.forwarder(harness.forwarding, asyncio.get_running_loop(), connections).serve(sock, target)
-    try:
-        yield port
-    finally:
-        stop()
-
-
 async def test_many_dead_endpoints_cannot_use_up_the_dial_ladder() -> None:
     """Five refused endpoints and one live one: every connection gets through, whichever endpoint
     the round robin starts at (the old ladder gave up after four dials)."""
@@ -406,7 +390,8 @@ async def test_no_descriptor_is_left_behind() -> None:
         for _ in range(5):
             with contextlib.suppress(ConnectionError):
                 await ask("127.0.0.1", port)
-        await eventually(lambda: open_descriptors() == before, timeout=5)
+        # At most as many as before (an earlier test's sockets may still be closing): none kept.
+        await eventually(lambda: open_descriptors() <= before, timeout=5)
 
 
 async def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> None:

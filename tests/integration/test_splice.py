@@ -13,9 +13,9 @@ from pathlib import Path
 
 from proxy.balancer import Pool
 from proxy.dataplane.connections import Connections
-from proxy.dataplane.relay import Relay, SocketForwarder
+from proxy.dataplane.relay import Relay
 from proxy.model import Endpoint, Family
-from tests.integration.harness import eventually, servers
+from tests.integration.harness import eventually, forwarding_to, servers
 from tests.integration.test_forwarding import PORT, ReplyAfterEof, web_target
 
 BACKEND = "127.0.0.110"
@@ -31,39 +31,30 @@ async def test_bulk_goes_through_a_pipe_and_arrives_whole() -> None:
     loop = asyncio.get_running_loop()
     pool = Pool((Endpoint(BACKEND, PORT, Family.V4),), clock=loop.time)
     connections = Connections()
-    forwarder = SocketForwarder(loop, connections, splice=True)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    port = listener.getsockname()[1]
-    stop = await forwarder.serve(listener, web_target(pool))
-    try:
-        async with servers([(BACKEND, PORT)], lambda ip: ReplyAfterEof()):
-            # Request/response sized: no pipe.
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"ping")
-            await asyncio.sleep(0.1)
-            assert piped_legs(connections) == 0
-            writer.write_eof()
-            assert await asyncio.wait_for(reader.read(), 5) == b"gnip"
-            writer.close()
-            # 8 MiB up, then 8 MiB back reversed: both directions fill whole chunks and splice.
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(PAYLOAD)
-            await writer.drain()
-            piped_up = piped_legs(connections)
-            writer.write_eof()
-            got = bytearray()
-            piped_most = 0
-            while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
-                got += chunk
-                piped_most = max(piped_most, piped_legs(connections))
-            writer.close()
-            assert hashlib.sha256(got).digest() == hashlib.sha256(bytes(reversed(PAYLOAD))).digest()
-            assert piped_up >= 1 and piped_most == 2, (piped_up, piped_most)
-    finally:
-        stop()
-        forwarder.close()
+    async with forwarding_to(web_target(pool), connections, "splice") as port, \
+            servers([(BACKEND, PORT)], lambda ip: ReplyAfterEof()):
+        # Request/response sized: no pipe.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"ping")
+        await asyncio.sleep(0.1)
+        assert piped_legs(connections) == 0
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b"gnip"
+        writer.close()
+        # 8 MiB up, then 8 MiB back reversed: both directions fill whole chunks and splice.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(PAYLOAD)
+        await writer.drain()
+        piped_up = piped_legs(connections)
+        writer.write_eof()
+        got = bytearray()
+        piped_most = 0
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+            got += chunk
+            piped_most = max(piped_most, piped_legs(connections))
+        writer.close()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(bytes(reversed(PAYLOAD))).digest()
+        assert piped_up >= 1 and piped_most == 2, (piped_up, piped_most)
 
 
 @contextlib.contextmanager
@@ -96,21 +87,13 @@ async def test_one_connection_downloads_again_and_again(tmp_path: Path) -> None:
     loop = asyncio.get_running_loop()
     pool = Pool((Endpoint(BACKEND, PORT, Family.V4),), clock=loop.time)
     connections = Connections()
-    forwarder = SocketForwarder(loop, connections, splice=True)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    stop = await forwarder.serve(listener, web_target(pool))
     (tmp_path / "mib").write_bytes(PAYLOAD[:1 << 20])
-    try:
+    async with forwarding_to(web_target(pool), connections, "splice") as port:
         with downloads(BACKEND, PORT, tmp_path / "mib"):
-            reader, writer = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
             for _ in range(20):
                 writer.write(b"x")
                 assert await asyncio.wait_for(reader.readexactly(1 << 20), 5) == PAYLOAD[:1 << 20]
             assert piped_legs(connections) == 1  # the download direction only
             writer.close()
             await eventually(lambda: not connections.live, timeout=5)  # the backend has its EOF
-    finally:
-        stop()
-        forwarder.close()
