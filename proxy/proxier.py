@@ -102,6 +102,8 @@ class Proxier:
         self.table = Table(Node(node_name, ()))
         self._cluster_cidrs = tuple(cluster_cidrs)
         self._node_addresses: tuple[str, ...] | None = None
+        self._node_interfaces: tuple[str, ...] = ()
+        """The node's addresses with their links' prefixes (``ip/prefix``)."""
         self._node_read = 0.0
         self._affinity_swept = 0.0
         self.local_sources = LocalSources()
@@ -127,7 +129,7 @@ class Proxier:
     def _replay(self, worker: Worker) -> None:
         """A helper that (re)started gets everything its data plane needs, as it is now."""
         send = worker.channel.send
-        send(("local", self._node_addresses or (), self._cluster_cidrs))
+        send(("local", self._node_addresses or (), self._cluster_cidrs, self._node_interfaces))
         send(("pools", {key: (pool.endpoints, pool.affinity_timeout) for key, pool in self.pools.items()}))
         for key, spec in self.serving.items():
             listener = self.listeners.open.get(key)
@@ -142,13 +144,14 @@ class Proxier:
         now = self._clock()
         if self._node_addresses is None or now - self._node_read >= NODE_REFRESH:
             self._node_read = now
-            addrs = tuple(await self.vips.node_addresses())
+            interfaces = tuple(await self.vips.node_addresses())
+            addrs = tuple(sorted({a.partition("/")[0] for a in interfaces}))
         else:
-            addrs = self._node_addresses
-        if addrs != self._node_addresses:
-            self._node_addresses = addrs
-            self.local_sources.update(addrs, self._cluster_cidrs)
-            self._post("local", addrs, self._cluster_cidrs)
+            interfaces, addrs = self._node_interfaces, self._node_addresses
+        if addrs != self._node_addresses or interfaces != self._node_interfaces:
+            self._node_addresses, self._node_interfaces = addrs, interfaces
+            self.local_sources.update(addrs, self._cluster_cidrs, interfaces)
+            self._post("local", addrs, self._cluster_cidrs, interfaces)
         if self._nodeport_cidrs:
             addrs = tuple(a for a in addrs if any(ipaddress.ip_address(a) in n for n in self._nodeport_cidrs))
         return addrs

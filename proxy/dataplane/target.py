@@ -25,32 +25,45 @@ class LocalSources:
     def __init__(self) -> None:
         self.node: tuple[Network, ...] = _LOOPBACK
         self.pods: tuple[Network, ...] = ()
-        self._kinds: dict[str, int] = {}
+        self.links: tuple[Network, ...] = ()
+        """The subnets of the node's own links (bridges, LANs): two hosts on one talk without it."""
+        self._facts: dict[str, tuple[int, int]] = {}
 
-    def update(self, node_addresses: Iterable[str], cluster_cidrs: Iterable[str]) -> None:
+    def update(self, node_addresses: Iterable[str], cluster_cidrs: Iterable[str],
+               interfaces: Iterable[str] = ()) -> None:
+        """``interfaces``: the node's addresses as ``ip/prefix``, for the subnets of its links."""
         self.node = (*_LOOPBACK, *(ipaddress.ip_network(a) for a in node_addresses))
         self.pods = tuple(ipaddress.ip_network(c, strict=False) for c in cluster_cidrs)
-        self._kinds = {}
+        links = (ipaddress.ip_interface(i).network for i in interfaces)
+        self.links = tuple(net for net in links if net.num_addresses > 2 and not net.is_loopback)
+        self._facts = {}
 
-    def _kind(self, ip: str) -> int:
-        kind = self._kinds.get(ip)
-        if kind is None:
+    def _of(self, ip: str) -> tuple[int, int]:
+        """(its kind: _NODE and _POD bits; the index of the node's link it is on, or -1)."""
+        facts = self._facts.get(ip)
+        if facts is None:
             addr = ipaddress.ip_address(ip)
             kind = (self._NODE if any(addr in net for net in self.node) else 0) | \
                 (self._POD if any(addr in net for net in self.pods) else 0)
-            if len(self._kinds) >= self._CACHED:
-                self._kinds.clear()
-            self._kinds[ip] = kind
-        return kind
+            link = next((i for i, net in enumerate(self.links) if addr in net), -1)
+            if len(self._facts) >= self._CACHED:
+                self._facts.clear()
+            self._facts[ip] = facts = (kind, link)
+        return facts
 
     def __contains__(self, client_ip: str) -> bool:
-        return self._kind(client_ip) != 0
+        return self._of(client_ip)[0] != 0
 
     def is_node(self, ip: str) -> bool:
-        return self._kind(ip) & self._NODE != 0
+        return self._of(ip)[0] & self._NODE != 0
 
     def is_pod(self, ip: str) -> bool:
-        return self._kind(ip) & self._POD != 0
+        return self._of(ip)[0] & self._POD != 0
+
+    def same_link(self, a: str, b: str) -> bool:
+        """Both on one of the node's links (a bridge): packets between them never reach its IP layer."""
+        link = self._of(a)[1]
+        return link >= 0 and link == self._of(b)[1]
 
 
 class Target:
@@ -106,10 +119,13 @@ class Target:
         kube-proxy's iptables and nftables modes decide (with the --cluster-cidr local detector):
         never for the node itself, nor for a pod reaching itself (the hairpin); at a clusterIP,
         for pods only (off-cluster clients are masqueraded); at a nodePort, externalIP or LB IP,
-        only with externalTrafficPolicy: Local (Cluster masquerades everyone there). Never to an
-        endpoint on this node's own addresses (hostNetwork): its replies would leave by the output
-        path, which the reply steering does not see."""
-        if client_ip == endpoint_ip or self.local_sources.is_node(client_ip) or self.local_sources.is_node(endpoint_ip):
+        only with externalTrafficPolicy: Local (Cluster masquerades everyone there). Never where
+        the endpoint's replies would miss the reply steering: from an endpoint on this node's own
+        addresses (hostNetwork: the output path), or to a client on the endpoint's own link (two
+        pods on one bridge: the bridge delivers the reply itself)."""
+        sources = self.local_sources
+        if client_ip == endpoint_ip or sources.is_node(client_ip) or sources.is_node(endpoint_ip) or \
+                sources.same_link(client_ip, endpoint_ip):
             return False
         if self.external:
             return self.external == "Local"

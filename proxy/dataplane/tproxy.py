@@ -6,7 +6,8 @@ endpoint's replies are addressed to the client, not to this node, so two kernel 
 back to svcproxy's socket:
 
 * an nftables table (``inet svcproxy-tproxy``) marks every packet that belongs to a local
-  transparent socket (``socket transparent 1``, a socket lookup in prerouting), and
+  transparent socket (``socket transparent 1``, a socket lookup in prerouting; fragments are
+  reassembled first, as only a whole datagram shows its ports), and
 * a policy-routing rule sends marked packets to a routing table whose only route is ``local``
   for every address, so they are delivered here instead of forwarded to the client.
 
@@ -35,6 +36,7 @@ ROUTE_TABLE = 5350
 RULE_PRIORITY = 5350
 """Before the main table's rule (32766), so a reply is never forwarded to the real client."""
 NFT_TABLE = "svcproxy-tproxy"
+DEFRAG_ONLY = 0x5351
 IPV6_TRANSPARENT = 75  # linux/in6.h; Python's socket module lacks it
 _FAMILIES = ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0"))
 _SCOPE_HOST = 254  # a local route must have it (IPv4 refuses the default, universe, with EINVAL)
@@ -48,6 +50,9 @@ table inet {NFT_TABLE} {{
   chain prerouting {{
     type filter hook prerouting priority mangle; policy accept;
     meta l4proto {{ tcp, udp }} socket transparent 1 meta mark set {MARK:#x} accept
+    # Never matches (no packet carries this mark); a tproxy expression makes the kernel reassemble
+    # fragments before this chain, and only a whole datagram shows the ports the socket lookup needs.
+    meta mark {DEFRAG_ONLY:#x} meta l4proto udp tproxy to :1
   }}
 }}
 """

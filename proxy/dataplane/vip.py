@@ -62,6 +62,7 @@ class Vips:
         await self._call(self._adopt)
 
     async def node_addresses(self) -> list[str]:
+        """Every node address as ``ip/prefix``: the address and the subnet on its link."""
         return await self._call(self._node_addresses)
 
     async def sync(self, wanted: Iterable[str]) -> None:
@@ -121,7 +122,7 @@ class Vips:
             addr = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
             if addr.is_link_local:
                 continue
-            result.append(str(addr))
+            result.append(f"{addr}/{msg['prefixlen']}")
         missing = self.owned - present
         if missing:
             logger.warning("service addresses removed from under svcproxy: %s; adding them back",

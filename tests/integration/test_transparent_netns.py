@@ -44,13 +44,16 @@ VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
 
 PROBE = r"""
 import json, socket, sys
-udp = sys.argv[3] == "udp"
+udp = sys.argv[3].startswith("udp")
 s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET,
                   socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
 s.settimeout(3)
 try:
     s.connect((sys.argv[1], int(sys.argv[2])))
-    if udp:
+    if sys.argv[3] == "udp-big":  # fragmented both ways
+        s.send(b"x" * 3000)
+        print(json.dumps(str(len(s.recv(65536)))))
+    elif udp:
         s.send(b"peer?")
         print(json.dumps(s.recv(65536).decode().strip()))
     else:
@@ -133,6 +136,9 @@ def test_who_keeps_the_client_address(cluster: dict[str, str], tmp_path: Path, m
         assert peer(cluster["pb"], "10.96.0.12", 53, "udp") == f"pa peer {POD_B[0]}"
         assert peer(cluster["pa"], "10.96.0.12", 53, "udp") == f"pa peer {POD_A[1]}"
         assert peer(node, "10.96.0.12", 53, "udp") == f"pa peer {POD_A[1]}"
+        # A datagram larger than the MTU: the reply's fragments are reassembled before the steering
+        # looks for its socket (only the first fragment carries the ports).
+        assert peer(cluster["pb"], "10.96.0.12", 53, "udp-big") == str(3000 + len("pa (10.244.1.10:5300): "))
         # Many connections, in a row: replies keep finding their way back.
         assert {peer(cluster["pb"], VIP4, 80) for _ in range(20)} == {f"pa peer {POD_B[0]}"}
         # Metrics and the routing table say which connections kept their client's address.
@@ -140,7 +146,7 @@ def test_who_keeps_the_client_address(cluster: dict[str, str], tmp_path: Path, m
             return {line.split('service="')[1].split('"')[0]: float(line.split()[-1])
                     for line in fetch(node, "/metrics").splitlines()
                     if line.startswith("svcproxy_service_transparent_connections_total{")}
-        expected = {"web": 22.0, "local": 2.0, "dns": 1.0}  # pb: 20 + v4 + v6; pb and outside; pb
+        expected = {"web": 22.0, "local": 2.0, "dns": 2.0}  # pb: 20 + v4 + v6; pb and outside; pb twice
         wait_for(lambda: kept() == expected, timeout=5)  # helpers (--workers) report every second
         table = {(r["address"], r["port"]): r["clientAddress"] for r in json.loads(fetch(node, "/debug/services"))}
         assert table[VIP4, 80] == "pods" and table[NODE_OUT[0], 30081] == "clients"

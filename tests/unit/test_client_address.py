@@ -68,3 +68,18 @@ def test_a_changed_cluster_cidr_or_node_address_is_seen_at_once() -> None:
     sources.update([NODE4], ["10.244.0.0/16"])
     assert sources.is_pod(POD4) and sources.is_node(NODE4)  # ... and forgotten on an update
     assert POD4 in sources and OUTSIDE4 not in sources
+
+
+def test_two_pods_on_one_bridge_are_the_node_to_each_other() -> None:
+    """The reply between two pods on one of the node's links (a bridge) never reaches its IP layer,
+    so it could not be steered back: the node's address then. Across links it is kept."""
+    sources = LocalSources()
+    sources.update([NODE4, "10.244.1.1"], ["10.244.0.0/16"], [f"{NODE4}/24", "10.244.1.1/24", "127.0.0.1/8"])
+    t = Target(ServiceTraffic(ServicePortName("ns", "web", "http", "TCP")), Pool((), clock=lambda: 0.0),
+               local_sources=sources)
+    assert not t.keeps_client_address("10.244.1.5", "10.244.1.7")  # one bridge
+    assert t.keeps_client_address("10.244.2.5", "10.244.1.7")  # a pod of another node
+    assert t.keeps_client_address("10.244.1.5", "10.244.3.7")  # to another node's pod
+    lb = Target(ServiceTraffic(ServicePortName("ns", "web", "http", "TCP")), Pool((), clock=lambda: 0.0),
+                local_sources=sources, external="Local")
+    assert lb.keeps_client_address("192.0.2.50", "10.244.1.7")  # a neighbour on the node's LAN, to a pod
