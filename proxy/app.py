@@ -308,6 +308,10 @@ class App:
         wanted = self.settings.transparent
         if wanted == "off":
             return False
+        if wanted == "auto" and not self.settings.cluster_cidr:
+            logger.info("transparent source addresses are off: --cluster-cidr is not set, so pods cannot be "
+                        "told from other clients (--transparent on turns them on regardless)")
+            return False
         problem = tproxy.unavailable()
         if not problem and self.settings.forwarding == "transports":
             problem = "--forwarding transports cannot dial from another address"

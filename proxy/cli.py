@@ -81,8 +81,8 @@ def daemon_parser() -> argparse.ArgumentParser:
                    "splice (sockets, bulk transfers spliced in the kernel) or transports (uvloop's)")
     p.add_argument("--transparent", choices=("on", "auto", "off"), default=Settings.transparent,
                    help="endpoints see the client's own address where kube-proxy keeps it (IP_TRANSPARENT, "
-                   "nftables, policy routing; TCP in the sockets and splice modes): on, auto (where the node "
-                   "allows it) or off (default: they see this node's address)")
+                   "nftables, policy routing; sockets and splice modes): on, auto (the default: where the node "
+                   "allows it and --cluster-cidr is set) or off (they see this node's address)")
     p.add_argument("--max-connections-per-service", type=int, default=Settings.max_connections_per_service,
                    help="proxied TCP connections per service port (default 0: no limit)")
     p.add_argument("--tcp-idle-timeout", type=_duration, default=Settings.tcp_idle_timeout,

@@ -86,10 +86,11 @@ class Settings:
     """How TCP bytes are moved (connections.MODES): ``sockets`` (bare sockets on an epoll of
     svcproxy's own, relay.py), ``splice`` (sockets, with bulk transfers spliced in the kernel) or
     ``transports`` (uvloop's, tcp.py; the mode before 2026-12)."""
-    transparent: str = "off"
+    transparent: str = "auto"
     """Endpoints see the client's own address where kube-proxy keeps it (proxy/dataplane/tproxy.py):
     ``on`` (refuse to start without the capabilities and kernel pieces), ``auto`` (on where the
-    node allows it, else say why) or ``off`` (they see this node's address)."""
+    node allows it and --cluster-cidr tells pods apart, else say why) or ``off`` (they see this
+    node's address)."""
     endpoint_drain_timeout: float = 0.0
     """Connections to an endpoint that left its pool (deleted, not ready, terminating) are reset
     after this long; 0 = never (kube-proxy leaves established connections alone)."""
