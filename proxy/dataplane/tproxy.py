@@ -104,9 +104,15 @@ class Steering:
         return ""
 
     async def remove(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, _routes, "del")
+        """Take everything away (absent pieces are fine); a failure is logged, not raised."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._thread, _routes, "del")
+        except (NetlinkError, OSError) as e:
+            logger.warning("cannot remove the transparent-address routing rules: %s", e)
         if shutil.which("nft") is not None:
-            await self._nft(f"add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n")
+            problem = await self._nft(f"add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n")
+            if problem:
+                logger.warning("cannot remove the nftables table %s: %s", NFT_TABLE, problem)
 
     async def _nft(self, script: str) -> str:
         proc = await asyncio.create_subprocess_exec(
