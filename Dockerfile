@@ -19,6 +19,10 @@ FROM python:3.11-slim-bookworm
 LABEL org.opencontainers.image.title="svcproxy" \
       org.opencontainers.image.description="A userspace kube-proxy on asyncio and uvloop" \
       org.opencontainers.image.licenses="Apache-2.0"
+# nft: the VIP guard's table and --transparent's reply steering (without it both turn themselves off).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends nftables=1.0.6-* \
+    && rm -rf /var/lib/apt/lists/*
 # Install from the builder's wheels only: no index, no compiler, and no wheel files left in a layer.
 # pip compiles the .pyc files here, so the read-only root filesystem at run time costs nothing.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
