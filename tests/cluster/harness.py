@@ -295,6 +295,15 @@ class KubeCluster:
     def apply(self, *objects: dict[str, Any]) -> None:
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
 
+    def pod_netns(self, pod_ip: str) -> Netns:
+        """The network namespace a kubelet stand-in made for the pod at ``pod_ip``."""
+        for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+            if name.startswith(f"spk-{self.tag}-n") and name.rpartition("-")[2].startswith("p"):
+                addrs = subprocess.run(["ip", "-n", name, "-4", "-o", "addr"], capture_output=True, text=True).stdout
+                if f" {pod_ip}/" in addrs:
+                    return Netns(name)
+        raise AssertionError(f"no namespace holds pod {pod_ip}")
+
     def ready_pods(self, namespace: str, selector: str) -> dict[str, str]:
         """Pods of ``selector`` that are Ready and not terminating: name -> pod IP."""
         pods = self.kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]

@@ -15,7 +15,7 @@ import pytest
 
 from tests.cluster.harness import KubeCluster
 from tests.cluster.objects import NAMESPACE, deployment, namespace, service
-from tests.e2e.cluster import eventually
+from tests.e2e.cluster import _http_get, eventually
 
 NODE_PORT = 31852
 LB_IP = "203.0.113.10"
@@ -97,3 +97,30 @@ def test_external_name_and_headless_services_bind_nothing(kube: KubeCluster, web
             assert 7777 not in ports and 7778 not in ports, sorted(ports)
     finally:
         kube.kubectl("delete", "service", "-n", NAMESPACE, "ext", "headless", "marker")
+
+
+def test_pods_keep_their_address_through_a_cluster_ip(kube: KubeCluster, web: set[str]) -> None:
+    """--transparent (the default auto; on in nodes 2 and 3, which do not run transports): a pod on
+    node 2 or 3 calling the clusterIP is seen by pods of other nodes at its own address, and by a
+    pod on its own node's bridge at the node's (the bridge hands that reply over by itself)."""
+    items = kube.kubectl_json("get", "pods", "-n", NAMESPACE, "-l", "app=web")["items"]
+    node_of = {p["metadata"]["name"]: p["spec"]["nodeName"] for p in items}
+    ip_of = {p["metadata"]["name"]: p["status"]["podIP"] for p in items}
+    client = next((name for name in sorted(web) if node_of[name] in ("node2", "node3")), None)
+    assert client is not None, f"no web pod on node 2 or 3: {node_of}"
+    cluster_ip = kube.kubectl_json("get", "service", "-n", NAMESPACE, "web")["spec"]["clusterIP"]
+    ns = kube.pod_netns(ip_of[client])
+    node_addresses = {n.ip for n in kube.nodes} | {f"10.244.{n.index}.1" for n in kube.nodes}
+    seen: dict[str, str] = {}
+    for _ in range(3 * len(web)):
+        answer = ns.call(_http_get, cluster_ip, 80, "/peer", 2.0)
+        assert not isinstance(answer, str), answer
+        name, _, peer = answer[1].split()
+        seen[name] = peer
+    assert set(seen) == web, seen
+    assert any(node_of[name] != node_of[client] for name in seen), f"every web pod is on {node_of[client]}"
+    for name, peer in seen.items():
+        if node_of[name] != node_of[client]:
+            assert peer == ip_of[client], (name, seen)
+        else:  # itself (the hairpin), or a pod on its bridge: a node address
+            assert peer in node_addresses, (name, seen)
