@@ -239,8 +239,8 @@ def _error(sock: socket.socket) -> OSError:
 class Relay:
     """A proxied connection: the accepted client, the dial, then bytes pumped both ways."""
 
-    __slots__ = ("accepted", "active", "backend", "client", "client_addr", "client_ip", "closing", "dialing",
-                 "endpoint", "endpoint_traffic", "failed", "forwarder", "kept", "pool", "quiet", "source", "splice",
+    __slots__ = ("accepted", "active", "backend", "client", "client_ip", "closing", "dialing",
+                 "endpoint", "endpoint_traffic", "failed", "forwarder", "kept", "peer", "pool", "quiet", "splice",
                  "step", "target", "timed_out", "timer", "traffic", "trying")
 
     def __init__(self, forwarder: SocketForwarder, target: Target, sock: socket.socket) -> None:
@@ -264,10 +264,9 @@ class Relay:
         """finish() was asked while bytes were still on their way: close once they are out."""
         self.splice = forwarder.splice
         self.client_ip: str | None = None
-        self.client_addr: tuple[str, int] | None = None
-        """Kept only for a PROXY protocol header."""
-        self.source: str | None = None
-        """The client's address, kept when dials may leave from it (--transparent)."""
+        """The client's address where a policy needs it to pick the endpoint (affinity, eTP Local)."""
+        self.peer: tuple[str, int] = ("", 0)
+        """The client's address and port, from accept (for --transparent and PROXY protocol headers)."""
         self.kept = False
         """The dial left from the client's address."""
         self.pool: Pool = target.pool
@@ -306,10 +305,7 @@ class Relay:
     def start(self, addr: tuple[str, int]) -> None:
         target, client = self.target, self.client
         client_ip = addr[0]
-        if target.proxy_protocol:
-            self.client_addr = addr[:2]
-        if self.forwarder.transparent:
-            self.source = client_ip
+        self.peer = addr
         if target.needs_client_ip:
             self.client_ip = client_ip
             self.pool = target.pool_for(client_ip)
@@ -366,10 +362,9 @@ class Relay:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if fw.keepalive:
                     set_keepalive(sock, fw.keepalive)
-                self.kept = self.source is not None and self.target.keeps_client_address(self.source, ep.ip)
+                self.kept = fw.transparent and self.target.keeps_client_address(self.peer[0], ep.ip)
                 if self.kept:
-                    assert self.source is not None
-                    tproxy.bind_transparent(sock, self.source)
+                    tproxy.bind_transparent(sock, self.peer[0])
                 code = sock.connect_ex((ep.ip, ep.port))
             except OSError as e:
                 code = e.errno or errno.EIO
@@ -459,7 +454,7 @@ class Relay:
         client = self.client
         self.backend = backend
         client.peer, backend.peer = backend, client
-        if self.client_addr is not None and not self._introduce(backend):
+        if self.target.proxy_protocol and not self._introduce(backend):
             return
         client.pump()  # what the client sent while we dialled (its events were not acted on)
         if events & _IN and self.backend is not None:  # a server that speaks first
@@ -467,9 +462,8 @@ class Relay:
 
     def _introduce(self, backend: _Leg) -> bool:
         """Send the PROXY protocol header, the endpoint's first bytes; False if that failed."""
-        assert self.client_addr is not None
         try:
-            data = proxyproto.header(self.target.proxy_protocol, self.client_addr,
+            data = proxyproto.header(self.target.proxy_protocol, self.peer[:2],
                                      self.client.sock.getsockname()[:2])
             sent = backend.sock.send(data)
         except _AGAIN:

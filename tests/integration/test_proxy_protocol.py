@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import endpoint_slice, eventually, running_proxy, service
+from tests.integration.harness import endpoint_slice, eventually, running_proxy, service, stop_process
 
 pytestmark = pytest.mark.usefixtures("each_forwarding")
 
@@ -64,16 +64,11 @@ def consumer(kind: str, directory: Path) -> Iterator[None]:
     else:
         conf.write_text(HAPROXY.format(ip=BACKEND, port=PORT))
         argv = ["haproxy", "-db", "-f", str(conf)]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 5)
 
 
 async def get(ip: str, port: int) -> tuple[str, int, str]:

@@ -27,6 +27,7 @@ from tests.integration.harness import (
     scrape,
     servers,
     service,
+    stop_process,
     write_manifests,
 )
 from tests.integration.test_udp import client, echo_servers, exchange, udp_service, udp_slice
@@ -80,12 +81,7 @@ async def svcproxy_process(tmp: Path, objs: list[dict[str, Any]], *extra: str
         await eventually(ready.exists, timeout=20)
         yield ("127.0.0.1", metrics_port), proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15)
 
 
 async def test_helpers_share_the_listeners_and_their_counts_add_up(tmp_path: Path) -> None:
