@@ -173,6 +173,7 @@ class App:
         loop = asyncio.get_running_loop()
         vips = Vips(s.vip_interface)
         await vips.adopt()
+        steering = await self._transparent()
         self.proxier = Proxier(
             loop=loop, tracker=self.tracker, vips=vips, health=self.health,
             node_name=s.node_name, nodeport_cidrs=s.nodeport_addresses, cluster_cidrs=s.cluster_cidr,
@@ -181,9 +182,10 @@ class App:
                               max_connections_per_service=s.max_connections_per_service,
                               idle_timeout=s.tcp_idle_timeout, half_closed_timeout=s.tcp_half_closed_timeout,
                               dial_timeouts=s.dial_timeouts, keepalive=s.tcp_keepalive,
-                              transparent=await self._transparent()),
+                              transparent=steering is not None),
             workers=s.worker_count(),
             mode=s.forwarding,
+            steering=steering,
         )
         await self.proxier.start_workers()
         proxier = self.proxier
@@ -302,28 +304,30 @@ class App:
         await self.control.done
         raise RuntimeError("the control plane ended unexpectedly")
 
-    async def _transparent(self) -> bool:
-        """Whether to dial from clients' own addresses: --transparent, and what the node allows.
-        The steering stays when svcproxy exits (a restart's successor uses it); --cleanup removes it."""
+    async def _transparent(self) -> tproxy.Steering | None:
+        """The reply steering, installed, if svcproxy dials from clients' own addresses (--transparent
+        and what the node allows; None if not). The steering stays when svcproxy exits (a restart's
+        successor uses it); --cleanup removes it."""
         wanted = self.settings.transparent
         if wanted == "off":
-            return False
+            return None
         if wanted == "auto" and not self.settings.cluster_cidr:
             logger.info("transparent source addresses are off: --cluster-cidr is not set, so pods cannot be "
                         "told from other clients (--transparent on turns them on regardless)")
-            return False
+            return None
         problem = tproxy.unavailable()
         if not problem and self.settings.forwarding == "transports":
             problem = "--forwarding transports cannot dial from another address"
+        steering = tproxy.Steering()
         if not problem:
-            problem = await tproxy.Steering().install()
+            problem = await steering.install()
         if problem:
             if wanted == "on":
                 raise ConfigurationError(f"--transparent on: {problem}")
             logger.info("transparent source addresses are off (%s): endpoints see this node's address", problem)
-            return False
+            return None
         logger.info("transparent source addresses: endpoints see the client's address where kube-proxy keeps it")
-        return True
+        return steering
 
     async def stop(self) -> None:
         if self.control is not None:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from proxy import metrics
 from proxy.balancer import Pool, Rotation, rotation
-from proxy.dataplane import drain, forwarding, udp
+from proxy.dataplane import drain, forwarding, tproxy, udp
 from proxy.dataplane.connections import Connections, Limits
 from proxy.dataplane.guard import VipGuard
 from proxy.dataplane.healthcheck import ServiceHealthServers
@@ -81,6 +81,7 @@ class Proxier:
         limits: Limits | None = None,
         workers: int = 1,
         mode: str = "sockets",
+        steering: tproxy.Steering | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tracker = tracker
@@ -104,6 +105,10 @@ class Proxier:
         self._node_addresses: tuple[str, ...] | None = None
         self._node_interfaces: tuple[str, ...] = ()
         """The node's addresses with their links' prefixes (``ip/prefix``)."""
+        self._steering = steering
+        """--transparent's reply steering, kept up to date with the node's bridges (None: off)."""
+        self._steered: tuple[str, ...] = ()
+        """The bridges' subnets whose pods keep their address with each other."""
         self._node_read = 0.0
         self._affinity_swept = 0.0
         self.local_sources = LocalSources()
@@ -129,7 +134,7 @@ class Proxier:
     def _replay(self, worker: Worker) -> None:
         """A helper that (re)started gets everything its data plane needs, as it is now."""
         send = worker.channel.send
-        send(("local", self._node_addresses or (), self._cluster_cidrs, self._node_interfaces))
+        send(("local", self._node_addresses or (), self._cluster_cidrs, self._node_interfaces, self._steered))
         send(("pools", {key: (pool.endpoints, pool.affinity_timeout) for key, pool in self.pools.items()}))
         for key, spec in self.serving.items():
             listener = self.listeners.open.get(key)
@@ -146,12 +151,13 @@ class Proxier:
             self._node_read = now
             interfaces = tuple(await self.vips.node_addresses())
             addrs = tuple(sorted({a.partition("/")[0] for a in interfaces}))
+            steered = await self._steering.steer_bridges() if self._steering is not None else ()
         else:
-            interfaces, addrs = self._node_interfaces, self._node_addresses
-        if addrs != self._node_addresses or interfaces != self._node_interfaces:
-            self._node_addresses, self._node_interfaces = addrs, interfaces
-            self.local_sources.update(addrs, self._cluster_cidrs, interfaces)
-            self._post("local", addrs, self._cluster_cidrs, interfaces)
+            interfaces, addrs, steered = self._node_interfaces, self._node_addresses, self._steered
+        if addrs != self._node_addresses or interfaces != self._node_interfaces or steered != self._steered:
+            self._node_addresses, self._node_interfaces, self._steered = addrs, interfaces, steered
+            self.local_sources.update(addrs, self._cluster_cidrs, interfaces, steered)
+            self._post("local", addrs, self._cluster_cidrs, interfaces, steered)
         if self._nodeport_cidrs:
             addrs = tuple(a for a in addrs if any(ipaddress.ip_address(a) in n for n in self._nodeport_cidrs))
         return addrs

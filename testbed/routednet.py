@@ -1,6 +1,7 @@
-"""A one-node network in namespaces, wired as Calico wires pods: a node namespace, two pods on
-routed veths (pod-to-pod traffic crosses the node's IP layer) and an outside client. For the
-transparent-address test and benchmark; needs root and iproute2. Everything is deleted on exit."""
+"""One-node networks in namespaces, for the transparent-address test and benchmark: a node
+namespace and two pods, wired as Calico wires them (routed veths: pod-to-pod traffic crosses the
+node's IP layer) with an outside client, or as the bridge CNI plugin and kubenet do (both pods
+on the bridge ``cbr0``). Needs root and iproute2; everything is deleted on exit."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -27,24 +29,31 @@ POD_B = Link("10.244.1.14", "10.244.1.13", "fd00:244:1:b::2", "fd00:244:1:b::1")
 OUTSIDE = Link("198.51.100.2", "198.51.100.1", "2001:db8:1::2", "2001:db8:1::1", 24)
 CLUSTER_CIDRS = "10.244.0.0/16,fd00:244::/32"
 LINKS = {"pa": POD_A, "pb": POD_B, "out": OUTSIDE}
+BRIDGE = "cbr0"
+BRIDGE_GATEWAY = ("10.244.1.1", "fd00:244:1::1")
+BRIDGED_PODS = {"pa": ("10.244.1.10", "fd00:244:1::10"), "pb": ("10.244.1.11", "fd00:244:1::11")}
 
 
 def sh(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=20).stdout
 
 
+def bridge_netfilter(on: bool = True) -> list[str]:
+    """The sysctls that make a node namespace pass bridged traffic through the IP hooks, as a
+    Kubernetes node does (kubeadm requires it); [] if the kernel has no br_netfilter."""
+    if not Path("/proc/sys/net/bridge").exists():
+        subprocess.run(["modprobe", "br_netfilter"], capture_output=True)
+    if not Path("/proc/sys/net/bridge").exists():
+        return []
+    return [f"net.bridge.bridge-nf-call-iptables={int(on)}", f"net.bridge.bridge-nf-call-ip6tables={int(on)}"]
+
+
 @contextlib.contextmanager
 def routed_node() -> Iterator[dict[str, str]]:
     """Namespace names by role: ``node``, ``pa`` and ``pb`` (pods), ``out`` (the outside client)."""
-    tag = uuid.uuid4().hex[:6]
-    names = {role: f"svcp-{role}-{tag}" for role in ("node", *LINKS)}
-    try:
-        for ns in names.values():
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
+    with _namespaces(("node", *LINKS)) as names:
         node = names["node"]
-        sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
-           "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0")
+        tag = node.rsplit("-", 1)[1]
         for role, link in LINKS.items():
             ns, near = names[role], f"v{role}{tag}"
             sh("ip", "link", "add", near, "netns", node, "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -56,6 +65,42 @@ def routed_node() -> Iterator[dict[str, str]]:
                 sh("ip", "-n", n, "link", "set", dev, "up")
             sh("ip", "-n", ns, "route", "add", "default", "via", link.gateway4)
             sh("ip", "-n", ns, "-6", "route", "add", "default", "via", link.gateway6)
+        yield names
+
+
+@contextlib.contextmanager
+def bridged_node() -> Iterator[dict[str, str]]:
+    """Namespace names by role: ``node`` and the pods ``pa`` and ``pb``, both on the node's bridge
+    (BRIDGED_PODS; the node is BRIDGE_GATEWAY): between them, frames are bridged, not routed."""
+    with _namespaces(("node", *BRIDGED_PODS)) as names:
+        node = names["node"]
+        sh("ip", "-n", node, "link", "add", BRIDGE, "type", "bridge")
+        sh("ip", "-n", node, "addr", "add", f"{BRIDGE_GATEWAY[0]}/24", "dev", BRIDGE)
+        sh("ip", "-n", node, "addr", "add", f"{BRIDGE_GATEWAY[1]}/64", "dev", BRIDGE, "nodad")
+        sh("ip", "-n", node, "link", "set", BRIDGE, "up")
+        for role, (ip4, ip6) in BRIDGED_PODS.items():
+            ns, port = names[role], f"v{role}"
+            sh("ip", "link", "add", port, "netns", node, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "-n", node, "link", "set", port, "master", BRIDGE, "up")
+            sh("ip", "-n", ns, "addr", "add", f"{ip4}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "route", "add", "default", "via", BRIDGE_GATEWAY[0])
+            sh("ip", "-n", ns, "-6", "route", "add", "default", "via", BRIDGE_GATEWAY[1])
+        yield names
+
+
+@contextlib.contextmanager
+def _namespaces(roles: tuple[str, ...]) -> Iterator[dict[str, str]]:
+    """A namespace per role (``node`` is the one that forwards), deleted with its processes on exit."""
+    tag = uuid.uuid4().hex[:6]
+    names = {role: f"svcp-{role}-{tag}" for role in roles}
+    try:
+        for ns in names.values():
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "netns", "exec", names["node"], "sysctl", "-qw", "net.ipv4.ip_forward=1",
+           "net.ipv6.conf.all.forwarding=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0")
         yield names
     finally:
         for ns in names.values():

@@ -26,16 +26,19 @@ class LocalSources:
         self.node: tuple[Network, ...] = _LOOPBACK
         self.pods: tuple[Network, ...] = ()
         self.links: tuple[Network, ...] = ()
-        """The subnets of the node's own links (bridges, LANs): two hosts on one talk without it."""
+        """The subnets of the node's own links (bridges, LANs) on which two hosts talk without its IP
+        layer: all but the bridges --transparent steers (tproxy.py)."""
         self._facts: dict[str, tuple[int, int]] = {}
 
     def update(self, node_addresses: Iterable[str], cluster_cidrs: Iterable[str],
-               interfaces: Iterable[str] = ()) -> None:
-        """``interfaces``: the node's addresses as ``ip/prefix``, for the subnets of its links."""
+               interfaces: Iterable[str] = (), steered: Iterable[str] = ()) -> None:
+        """``interfaces``: the node's addresses as ``ip/prefix``, for the subnets of its links;
+        ``steered``: those subnets whose bridged replies --transparent brings to the IP layer."""
         self.node = (*_LOOPBACK, *(ipaddress.ip_network(a) for a in node_addresses))
         self.pods = tuple(ipaddress.ip_network(c, strict=False) for c in cluster_cidrs)
+        skip = {ipaddress.ip_network(n) for n in steered}
         links = (ipaddress.ip_interface(i).network for i in interfaces)
-        self.links = tuple(net for net in links if net.num_addresses > 2 and not net.is_loopback)
+        self.links = tuple(net for net in links if net.num_addresses > 2 and not net.is_loopback and net not in skip)
         self._facts = {}
 
     def _of(self, ip: str) -> tuple[int, int]:
@@ -122,7 +125,7 @@ class Target:
         only with externalTrafficPolicy: Local (Cluster masquerades everyone there). Never where
         the endpoint's replies would miss the reply steering: from an endpoint on this node's own
         addresses (hostNetwork: the output path), or to a client on the endpoint's own link (two
-        pods on one bridge: the bridge delivers the reply itself)."""
+        pods on one bridge without br_netfilter: the bridge delivers the reply itself)."""
         sources = self.local_sources
         if client_ip == endpoint_ip or sources.is_node(client_ip) or sources.is_node(endpoint_ip) or \
                 sources.same_link(client_ip, endpoint_ip):

@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from testbed.routednet import bridge_netfilter
 from tests.e2e.cluster import Netns, _http_get, eventually, ip, sh
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,7 +171,7 @@ class KubeCluster:
             sh("ip", "netns", "add", ns.name)
             sysctls = ["net.ipv4.conf.default.rp_filter=0", "net.ipv4.conf.all.rp_filter=0"]
             if ns in [n.ns for n in self.nodes]:
-                sysctls.append("net.ipv4.ip_forward=1")
+                sysctls += ["net.ipv4.ip_forward=1", *bridge_netfilter()]
             sh("ip", "netns", "exec", ns.name, "sysctl", "-q", "-w", *sysctls)
             ip(ns, "link", "set", "lo", "up")
         ip(self.lan, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")

@@ -41,6 +41,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from testbed.routednet import bridge_netfilter
+
 REPO = Path(__file__).resolve().parents[2]
 PODSERVER = REPO / "testbed" / "podserver.py"
 NAMESPACE = "e2e"
@@ -285,7 +287,7 @@ class Cluster:
             sysctls = ["net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0",
                        "net.ipv4.conf.default.rp_filter=0", "net.ipv4.conf.all.rp_filter=0"]
             if ns in [n.ns for n in self.nodes]:
-                sysctls += ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]
+                sysctls += ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", *bridge_netfilter()]
             sh("ip", "netns", "exec", ns.name, "sysctl", "-q", "-w", *sysctls)
             ip(ns, "link", "set", "lo", "up")
         ip(self.lan, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")

@@ -37,11 +37,13 @@ def test_a_pod_keeps_its_address_across_nodes_but_not_to_itself(cluster: Cluster
     assert peer(cluster, n1a.ns, v6, 80) == n1a.ip6
     assert udp_peer(cluster, n1a.ns, v4, 53) == n1a.ip4
     assert udp_peer(cluster, n1a.ns, v6, 53) == n1a.ip6
-    # A pod on the endpoint's own bridge: the bridge hands the reply over without the node's IP layer,
-    # which could not steer it back, so svcproxy uses the node's address (kube-proxy, with
-    # br_netfilter, keeps the pod's).
+    # A pod on the endpoint's own bridge keeps its address too: the nodes run br_netfilter, as
+    # Kubernetes nodes do, and svcproxy's bridge table hands the bridged reply to the node's IP layer.
     n2b = cluster.pod("n2b")
-    assert peer(cluster, n2b.ns, v4, 80) in node_addresses(cluster.node(2))
+    assert peer(cluster, n2b.ns, v4, 80) == n2b.ip4
+    assert peer(cluster, n2b.ns, v6, 80) == n2b.ip6
+    assert udp_peer(cluster, n2b.ns, v4, 53) == n2b.ip4
+    assert udp_peer(cluster, n2b.ns, v6, 53) == n2b.ip6
     # The endpoint reaching itself through its Service (the hairpin): its node's address.
     assert peer(cluster, n2a.ns, v4, 80) in node_addresses(cluster.node(2))
     assert udp_peer(cluster, n2a.ns, v4, 53) in node_addresses(cluster.node(2))

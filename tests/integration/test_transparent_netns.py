@@ -6,7 +6,11 @@ them: pod-to-pod traffic crosses the node's IP layer) and an outside client. Eac
 the --cluster-cidr local detector): a pod keeps its address at a clusterIP, but reaching itself
 (hairpin) it is the node; the node itself is the node; at a nodePort, clients keep their address
 with externalTrafficPolicy: Local and are the node with Cluster. ``--cleanup``
-removes the nftables table and the policy-routing rules.
+removes the nftables tables and the policy-routing rules.
+
+A second node wires both pods to one bridge (the bridge CNI plugin, kubenet): there a pod keeps
+its address too where br_netfilter passes bridged traffic through the IP hooks, and is the node
+where it does not.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.proxier import NODE_REFRESH
 from testbed import routednet
 from testbed.routednet import sh
 from tests.integration.harness import endpoint_slice, service, write_manifests
@@ -164,3 +169,68 @@ def test_who_keeps_the_client_address(cluster: dict[str, str], tmp_path: Path, m
                    check=True, capture_output=True, timeout=30)
     assert "svcproxy-tproxy" not in sh("ip", "netns", "exec", node, "nft", "list", "tables")
     assert "0x5350" not in sh("ip", "-n", node, "rule") + sh("ip", "-n", node, "-6", "rule")
+
+
+def bridge_netfilter(node: str, on: bool) -> None:
+    sh("ip", "netns", "exec", node, "sysctl", "-qw", *routednet.bridge_netfilter(on))
+
+
+@pytest.fixture
+def bridged() -> Iterator[dict[str, str]]:
+    if not routednet.bridge_netfilter():
+        pytest.skip("the kernel has no br_netfilter")
+    with routednet.bridged_node() as names:
+        yield names
+
+
+@pytest.mark.parametrize(("mode", "workers"), [("sockets", "1"), ("splice", "2")])
+def test_pods_on_one_bridge_keep_their_address_with_br_netfilter(bridged: dict[str, str], tmp_path: Path,
+                                                                 mode: str, workers: str) -> None:
+    node, (a4, a6), (b4, b6) = bridged["node"], routednet.BRIDGED_PODS["pa"], routednet.BRIDGED_PODS["pb"]
+    gateway4 = routednet.BRIDGE_GATEWAY[0]
+    web = service("web", VIP4, 80, clusterIPs=[VIP4, VIP6], ipFamilies=["IPv4", "IPv6"],
+                  ipFamilyPolicy="RequireDualStack")
+    dns = service("dns", "10.96.0.12", 53)
+    dns["spec"]["ports"][0].update(protocol="UDP", targetPort=5300)
+    dns_slice = endpoint_slice("dns", 5300, [a4])
+    dns_slice["ports"][0]["protocol"] = "UDP"
+    objs = [web, endpoint_slice("web", 8080, [a4]), endpoint_slice("web", 8080, [a6], name="web-6", family="IPv6"),
+            dns, dns_slice]
+    write_manifests(tmp_path / "svc.yaml", objs)
+    bridge_netfilter(node, False)
+    pod = start(bridged["pa"], str(PODSERVER), "pa", "--addr", a4, "--addr", a6, "--tcp=8080", "--udp=5300")
+    proxy = start(node, "-m", "proxy", "--manifests", str(tmp_path), "--hostname-override", "node-a",
+                  "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:10249",
+                  "--drain-timeout", "1s", "--cluster-cidr", routednet.CLUSTER_CIDRS, "--transparent", "on",
+                  "--forwarding", mode, "--workers", workers)
+    try:
+        assert pod.stdout is not None and pod.stdout.readline().strip() == "ready"
+        # Without br_netfilter the reply is bridged straight to the client, past any steering:
+        # the endpoint sees the node (its address on the bridge), and svcproxy says why.
+        wait_for(lambda: peer(bridged["pb"], VIP4, 80) == f"pa peer {gateway4}")
+        assert peer(bridged["pb"], "10.96.0.12", 53, "udp") == f"pa peer {gateway4}"
+        # br_netfilter turned on (as kube-proxy needs it too): from the next read of the node's
+        # links (at most every NODE_REFRESH seconds, at a sync), the pod keeps its address.
+        bridge_netfilter(node, True)
+        time.sleep(NODE_REFRESH)
+        write_manifests(tmp_path / "other.yaml", [service("other", "10.96.0.13", 80)])
+        wait_for(lambda: peer(bridged["pb"], VIP4, 80) == f"pa peer {b4}")
+        assert peer(bridged["pb"], VIP6, 80) == f"pa peer {b6}"
+        assert peer(bridged["pb"], "10.96.0.12", 53, "udp") == f"pa peer {b4}"
+        assert peer(bridged["pb"], "10.96.0.12", 53, "udp-big") == str(3000 + len(f"pa ({a4}:5300): "))
+        assert {peer(bridged["pb"], VIP4, 80) for _ in range(20)} == {f"pa peer {b4}"}
+        # Pods talking directly are still bridged, untouched.
+        assert peer(bridged["pb"], a4, 8080) == f"pa peer {b4}"
+        # The hairpin and the node itself: the node.
+        assert peer(bridged["pa"], VIP4, 80) == f"pa peer {gateway4}"
+        assert peer(node, VIP4, 80) == f"pa peer {gateway4}"
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        out, _ = proxy.communicate(timeout=15)
+        pod.kill()
+        pod.wait()
+    assert "pods on bridge cbr0 (IPv4), cbr0 (IPv6) see the node's address" in out, out[-2000:]
+    assert "table bridge svcproxy-tproxy" in sh("ip", "netns", "exec", node, "nft", "list", "tables")
+    subprocess.run(["ip", "netns", "exec", node, sys.executable, "-m", "proxy", "--cleanup"], cwd=REPO,
+                   check=True, capture_output=True, timeout=30)
+    assert "svcproxy-tproxy" not in sh("ip", "netns", "exec", node, "nft", "list", "tables")

@@ -70,7 +70,7 @@ def test_a_changed_cluster_cidr_or_node_address_is_seen_at_once() -> None:
     assert POD4 in sources and OUTSIDE4 not in sources
 
 
-def test_two_pods_on_one_bridge_are_the_node_to_each_other() -> None:
+def test_two_pods_on_one_bridge_are_the_node_to_each_other_without_br_netfilter() -> None:
     """The reply between two pods on one of the node's links (a bridge) never reaches its IP layer,
     so it could not be steered back: the node's address then. Across links it is kept."""
     sources = LocalSources()
@@ -83,3 +83,22 @@ def test_two_pods_on_one_bridge_are_the_node_to_each_other() -> None:
     lb = Target(ServiceTraffic(ServicePortName("ns", "web", "http", "TCP")), Pool((), clock=lambda: 0.0),
                 local_sources=sources, external="Local")
     assert lb.keeps_client_address("192.0.2.50", "10.244.1.7")  # a neighbour on the node's LAN, to a pod
+
+
+def test_two_pods_on_a_steered_bridge_keep_their_address() -> None:
+    """Where br_netfilter lets --transparent steer a bridge's replies (tproxy.Steering.steer_bridges),
+    pods on that bridge keep their address with each other, per family; the node and the hairpin
+    stay the node."""
+    sources = LocalSources()
+    interfaces = ["10.244.1.1/24", "fd00:244:1::1/64", "10.244.9.1/24"]
+    sources.update(["10.244.1.1", "fd00:244:1::1", "10.244.9.1"], ["10.244.0.0/16", "fd00:244::/40"], interfaces,
+                   ["10.244.1.0/24"])
+    t = Target(ServiceTraffic(ServicePortName("ns", "web", "http", "TCP")), Pool((), clock=lambda: 0.0),
+               local_sources=sources)
+    assert t.keeps_client_address("10.244.1.5", "10.244.1.7")  # the steered bridge, IPv4
+    assert not t.keeps_client_address("fd00:244:1::5", "fd00:244:1::7")  # its IPv6 is not steered
+    assert not t.keeps_client_address("10.244.9.5", "10.244.9.7")  # another bridge, not steered
+    assert not t.keeps_client_address("10.244.1.5", "10.244.1.5")  # the hairpin
+    assert not t.keeps_client_address("10.244.1.1", "10.244.1.7")  # the node, on its bridge
+    sources.update(["10.244.1.1"], ["10.244.0.0/16"], interfaces)  # br_netfilter turned off
+    assert not t.keeps_client_address("10.244.1.5", "10.244.1.7")
