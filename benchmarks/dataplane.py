@@ -31,7 +31,7 @@ from typing import Any
 
 from . import backends, deps, netns, report
 from . import wrk as wrkmod
-from .procs import MachineCpu, Supervisor, tcp_counters
+from .procs import MachineCpu, Supervisor, tcp_counters, tree_cpu_seconds
 from .targets import (
     NEEDS,
     TARGETS,
@@ -232,7 +232,9 @@ def measure(target: Target, w: wrkmod.Workload, duration: float, script: Path, s
     target.activate()
     try:
         cpu0, machine0, tcp0 = target.cpu_seconds(), MachineCpu.read(), tcp_counters()
+        wrk0, backends0 = children_cpu_seconds(), backends_cpu_seconds(sup)
         result = wrkmod.run(target.url(w.path), w, duration, script)
+        wrk1, backends1 = children_cpu_seconds(), backends_cpu_seconds(sup)
         cpu1, machine1, tcp1 = target.cpu_seconds(), MachineCpu.read(), tcp_counters()
     except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
         return f"{w.name}: {exc}"
@@ -243,8 +245,21 @@ def measure(target: Target, w: wrkmod.Workload, duration: float, script: Path, s
     run = result.to_json()
     run["proxy_cpu_s"] = round(cpu1 - cpu0, 3) if cpu0 is not None and cpu1 is not None else None
     run.update(machine1.since(machine0))
+    # Where the rest of the machine's CPU went: a proxy can cost its neighbours (more wake-ups,
+    # smaller segments) what it saves itself.
+    run["wrk_cpu_s"], run["backends_cpu_s"] = round(wrk1 - wrk0, 3), round(backends1 - backends0, 3)
     run["tcp"] = {k: tcp1[k] - tcp0[k] for k in tcp0}
     return run
+
+
+def children_cpu_seconds() -> float:
+    """CPU of this process's reaped children: across one wrk run, wrk's (the daemons are not reaped)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def backends_cpu_seconds(sup: Supervisor) -> float:
+    return sum(tree_cpu_seconds(sup.procs[b.name].pid) for b in backends.BACKENDS if b.name in sup.procs)
 
 
 # ---------------------------------------------------------------- outer (host namespace)

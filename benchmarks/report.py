@@ -184,6 +184,8 @@ def markdown(raw: dict[str, Any], meta: dict[str, str], chart: str | None) -> st
         "`tw_overflow` (TIME_WAIT table full).",
         "- **other CPU s** (all runs): CPU used during the run by processes outside the benchmark's "
         "namespace (machine CPU minus the namespace's processes minus irq/softirq).",
+        "- **wrk CPU s**, **backends CPU s** (all runs): the load generator's and the two nginx "
+        "backends' CPU over the run: what a proxy's way of moving bytes costs its neighbours.",
         "- `direct` hits one backend (one nginx worker); every other target spreads the load over "
         "both, so kernel DNAT can beat `direct` when the single backend worker is the bottleneck.",
         f"- Every process shares {meta.get('nproc', '?')} cores: wrk, the backends and the proxy "
@@ -193,8 +195,9 @@ def markdown(raw: dict[str, Any], meta: dict[str, str], chart: str | None) -> st
         "## All runs",
         "",
         "| rep | workload | target | req/s | MiB/s | p50 ms | p99 ms "
-        "| errors c/r/w/t/status | proxy CPU s | machine CPU s | other CPU s | kernel TCP |",
-        "|--:|---|---|--:|--:|--:|--:|---|--:|--:|--:|---|",
+        "| errors c/r/w/t/status | proxy CPU s | wrk CPU s | backends CPU s | machine CPU s | other CPU s "
+        "| kernel TCP |",
+        "|--:|---|---|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|---|",
     ]
     for r in runs:
         d = derived(r)
@@ -202,7 +205,8 @@ def markdown(raw: dict[str, Any], meta: dict[str, str], chart: str | None) -> st
         lines.append(
             f"| {r['rep']} | {r['workload']} | {r['target']} | {d['rps']:,.0f} | "
             f"{d['mib_s']:,.1f} | {r['p50_us'] / 1000:.2f} | {r['p99_us'] / 1000:.2f} | {errs} | "
-            f"{_num(r.get('proxy_cpu_s'), '.2f')} | {_num(r.get('machine_cpu_s'), '.2f')} | "
+            f"{_num(r.get('proxy_cpu_s'), '.2f')} | {_num(r.get('wrk_cpu_s'), '.2f')} | "
+            f"{_num(r.get('backends_cpu_s'), '.2f')} | {_num(r.get('machine_cpu_s'), '.2f')} | "
             f"{_num(r.get('other_cpu_s'), '.2f')} | {_tcp(r.get('tcp', {}))} |"
         )
     return "\n".join(lines) + "\n"

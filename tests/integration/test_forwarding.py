@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import cast
 
 import pytest
 import uvloop
@@ -190,6 +191,52 @@ async def test_bulk_to_slow_reader_holds_bounded_bytes(tmp_path: Path) -> None:
         assert digest == (sum(Source.CHUNK[::4096]) * 256) % (1 << 32)
         # The proxy buffered at most about one high-water mark per direction, never megabytes.
         assert 0 < held_max <= 2 * 1024 * 1024
+
+
+class Trickle(asyncio.Protocol):
+    """Writes ``count`` numbered lines a few at a time, pausing between: a stream of small reads."""
+
+    def __init__(self, count: int, done: asyncio.Event) -> None:
+        self.count, self.done = count, done
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.task = asyncio.ensure_future(self._write(cast(asyncio.Transport, transport)))
+
+    async def _write(self, transport: asyncio.Transport) -> None:
+        for i in range(self.count):
+            transport.write(b"%099d\n" % i)
+            if i % 64 == 63:
+                await asyncio.sleep(0.001)
+        transport.close()
+        self.done.set()
+
+
+async def test_small_pieces_queued_for_a_full_client_arrive_whole_and_in_order(tmp_path: Path) -> None:
+    """A client that reads nothing for a while, behind a small receive window: what the endpoint
+    trickles meanwhile queues in the proxy in many small pieces, within its bound, and reaches the
+    client complete and in order once it reads."""
+    count = 80_000  # 8 MB: more than the kernel's buffers and the proxy's backlog hold together
+    done = asyncio.Event()
+    objs = [service("trickle", VIP, 8090), endpoint_slice("trickle", PORT, BACKENDS[:1])]
+    async with servers([(BACKENDS[0], PORT)], lambda ip: Trickle(count, done)), \
+            running_proxy(tmp_path, objs) as app:
+        assert app.proxier is not None
+        live = app.proxier.connections.live
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (VIP, 8090))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        held_max = 0
+        while not done.is_set() and held_max < 128 * 1024:
+            held_max = max(held_max, sum(conn.buffered for conn in live))
+            await asyncio.sleep(0.01)
+        data = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+    assert data == b"".join(b"%099d\n" % i for i in range(count))
+    # The proxy held some of it, never more than its bound: one 256 KiB read per direction
+    # (sockets, splice), or uvloop's 256 KiB high-water mark and one read (transports).
+    assert 0 < held_max <= 256 * 1024 + 256 * 1024
 
 
 async def test_established_connection_survives_endpoint_and_service_removal(tmp_path: Path) -> None:
