@@ -5,9 +5,10 @@ Usage: ``python podserver.py NAME --addr IP [--addr IP ...] [--tcp PORT ...] [--
 
 * TCP ports speak just enough HTTP/1.1 for a probe: every request gets
   ``hello from NAME (IP:PORT)`` (IPv6 addresses unbracketed), then the connection closes;
-  ``GET /peer`` gets ``NAME peer PEER-IP`` instead: the client address this pod sees.
+  ``GET /peer`` gets ``NAME peer PEER-IP`` instead: the client address this pod sees, and
+  ``GET /peerport`` ``NAME peer PEER-IP PEER-PORT``.
 * UDP ports echo each datagram back as ``NAME (IP:PORT): <datagram>``; the datagram ``peer?`` gets
-  ``NAME peer PEER-IP``.
+  ``NAME peer PEER-IP``, and ``peerport?`` ``NAME peer PEER-IP PEER-PORT``.
 
 It runs inside a pod's network namespace and binds only the pod's own addresses. On SIGTERM it
 keeps serving for ``--linger`` seconds before it closes its sockets, as a pod with a preStop sleep
@@ -37,8 +38,11 @@ class Http(asyncio.Protocol):
         self.buf += data
         if b"\r\n\r\n" in self.buf and self.transport is not None:
             body = self.body
+            peer = self.transport.get_extra_info("peername")
             if self.buf.startswith(b"GET /peer "):
-                body = f"{self.name} peer {self.transport.get_extra_info('peername')[0]}\n".encode()
+                body = f"{self.name} peer {peer[0]}\n".encode()
+            elif self.buf.startswith(b"GET /peerport "):
+                body = f"{self.name} peer {peer[0]} {peer[1]}\n".encode()
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
                                  b"Connection: close\r\n\r\n%s" % (len(body), body))
             self.transport.close()
@@ -55,7 +59,12 @@ class Echo(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if self.transport is not None:
-            answer = f"{self.name} peer {addr[0]}".encode() if data == b"peer?" else self.prefix + data
+            if data == b"peer?":
+                answer = f"{self.name} peer {addr[0]}".encode()
+            elif data == b"peerport?":
+                answer = f"{self.name} peer {addr[0]} {addr[1]}".encode()
+            else:
+                answer = self.prefix + data
             self.transport.sendto(answer, addr)
 
 

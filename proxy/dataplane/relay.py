@@ -352,22 +352,17 @@ class Relay:
                 if not self.timed_out:
                     break  # every endpoint refused: none is listening
                 self.step += 1
+            self.kept = fw.transparent and self.target.keeps_client_address(self.peer[0], ep.ip)
             try:
-                sock = socket.socket(socket.AF_INET6 if ":" in ep.ip else socket.AF_INET,
-                                     socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                sock, code = self._connect(ep, self.peer[1] if self.kept else 0)
+                if code == errno.EADDRNOTAVAIL and self.kept:
+                    # The client's port is taken toward this endpoint (another of its connections
+                    # through another Service, or a TIME_WAIT): let the kernel pick one.
+                    sock.close()
+                    sock, code = self._connect(ep, 0)
             except OSError as e:
                 self._short_of(ep, e)
                 return
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if fw.keepalive:
-                    set_keepalive(sock, fw.keepalive)
-                self.kept = fw.transparent and self.target.keeps_client_address(self.peer[0], ep.ip)
-                if self.kept:
-                    tproxy.bind_transparent(sock, self.peer[0])
-                code = sock.connect_ex((ep.ip, ep.port))
-            except OSError as e:
-                code = e.errno or errno.EIO
             if code in (0, errno.EINPROGRESS):
                 leg = _Leg(self, sock, fw.tick)
                 fw.legs[leg.fd] = leg
@@ -390,6 +385,23 @@ class Relay:
         traffic.refuse("endpoints_failed")
         client.close()
         self._done()
+
+    def _connect(self, ep: Endpoint, port: int) -> tuple[socket.socket, int]:
+        """A new socket, connecting to ``ep``; with --transparent (``self.kept``) from the client's
+        address and, if ``port``, that port. The connect's error code, 0 or EINPROGRESS; an OSError
+        is raised only if the socket cannot be made (descriptors)."""
+        fw = self.forwarder
+        family = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if fw.keepalive:
+                set_keepalive(sock, fw.keepalive)
+            if self.kept:
+                tproxy.bind_transparent(sock, self.peer[0], port)
+            return sock, sock.connect_ex((ep.ip, ep.port))
+        except OSError as e:
+            return sock, e.errno or errno.EIO
 
     def _short_of(self, ep: Endpoint, e: OSError) -> None:
         """Our own shortage (descriptors, memory, ports), not the endpoint's: others would fail the same."""

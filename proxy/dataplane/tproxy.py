@@ -1,7 +1,8 @@
 """Transparent source addresses: endpoints see the client's own address, as with kube-proxy.
 
 A dial that keeps the client's address (``Target.keeps_client_address``) binds its socket to that
-address with IP_TRANSPARENT before connecting, as HAProxy's ``usesrc clientip`` does. The
+address, and to the client's port where it is free, with IP_TRANSPARENT before connecting, as
+HAProxy's ``usesrc clientip`` does. The
 endpoint's replies are addressed to the client, not to this node, so two kernel pieces bring them
 back to svcproxy's socket:
 
@@ -99,15 +100,29 @@ def bridge_ruleset(bridges: tuple[Bridge, ...]) -> str:
 """
 
 
-def bind_transparent(sock: socket.socket, source_ip: str) -> None:
-    """Make ``sock`` (not yet connected) leave from ``source_ip``, an address this node does not own.
-    The port is chosen at connect, per destination, so one client address never runs out of ports."""
+def bind_transparent(sock: socket.socket, source_ip: str, source_port: int = 0) -> bool:
+    """Make ``sock`` (not yet connected) leave from ``source_ip``, an address this node does not own,
+    and from ``source_port`` (the client's own, as kube-proxy's DNAT keeps it) where that port is
+    free; else, or for 0, the kernel picks one at connect, per destination, so one client address
+    never runs out of ports. Returns whether the port was kept. A kept port can still meet a
+    connection to the same endpoint from it at connect (EADDRNOTAVAIL): dial again with 0 then."""
     if ":" in source_ip:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
     else:
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TRANSPARENT, 1)
+    if source_port:
+        # Beside other dials from the same client port to other endpoints (the client may reach
+        # several services from one port); none of them listens, so the kernel allows it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((source_ip, source_port))
+            return True
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
     sock.bind((source_ip, 0))
+    return False
 
 
 def unavailable() -> str:

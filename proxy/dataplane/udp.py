@@ -26,11 +26,14 @@ logger = logging.getLogger(__name__)
 MAX_DATAGRAM = 65535
 DEFAULT_IDLE_TIMEOUT = 30.0
 Address = tuple[str, int] | tuple[str, int, int, int]
+_PORTS_KEPT: set[tuple[str, int, str, int]] = set()
+"""(client IP, client port, endpoint IP, endpoint port) of the transparent flows that kept their
+client's port, across every frontend of this process."""
 
 
 class Flow:
     __slots__ = ("bytes_in", "bytes_out", "client", "datagrams_in", "datagrams_out", "endpoint", "endpoint_traffic",
-                 "frontend", "last_seen", "pool", "sock", "traffic")
+                 "frontend", "last_seen", "pool", "port_kept", "sock", "traffic")
 
     def __init__(self, frontend: Frontend, client: Address, pool: Pool, endpoint: Endpoint, now: float) -> None:
         self.frontend = frontend
@@ -40,13 +43,21 @@ class Flow:
         self.last_seen = now
         family = socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.port_kept: tuple[str, int, str, int] | None = None
         try:
             self.sock.setblocking(False)
             kept = frontend.transparent and frontend.target.keeps_client_address(client[0], endpoint.ip)
             if kept:
-                tproxy.bind_transparent(self.sock, client[0])
+                # The client's port too, unless a flow of it (through another Service) already
+                # leaves from that port to this endpoint: the kernel does not keep UDP 4-tuples
+                # apart, and the replies of one would reach the other.
+                pair = (client[0], client[1], endpoint.ip, endpoint.port)
+                if tproxy.bind_transparent(self.sock, client[0], 0 if pair in _PORTS_KEPT else client[1]):
+                    _PORTS_KEPT.add(pair)
+                    self.port_kept = pair
             self.sock.connect((endpoint.ip, endpoint.port))
         except BaseException:
+            self._release()
             self.sock.close()
             raise
         frontend.loop.add_reader(self.sock.fileno(), self._readable)
@@ -56,6 +67,11 @@ class Flow:
         self.endpoint_traffic: EndpointTraffic = self.traffic.flow_opened(endpoint)
         if kept:
             self.traffic.transparent += 1
+
+    def _release(self) -> None:
+        if self.port_kept is not None:
+            _PORTS_KEPT.discard(self.port_kept)
+            self.port_kept = None
 
     def send(self, data: bytes, now: float) -> None:
         self.last_seen = now
@@ -88,6 +104,7 @@ class Flow:
     def close(self) -> None:
         self.frontend.loop.remove_reader(self.sock.fileno())
         self.sock.close()
+        self._release()
         counts = (self.bytes_in, self.bytes_out, self.datagrams_in, self.datagrams_out)
         self.traffic.ended(*counts)
         self.endpoint_traffic.ended(*counts)

@@ -58,15 +58,20 @@ try:
     if sys.argv[3] == "udp-big":  # fragmented both ways
         s.send(b"x" * 3000)
         print(json.dumps(str(len(s.recv(65536)))))
+    elif sys.argv[3] == "udp-port":  # the client port the pod saw, and ours
+        s.send(b"peerport?")
+        print(json.dumps(f"{s.recv(65536).decode().strip()} / {s.getsockname()[1]}"))
     elif udp:
         s.send(b"peer?")
         print(json.dumps(s.recv(65536).decode().strip()))
     else:
-        s.sendall(b"GET /peer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        path = b"/peerport" if sys.argv[3] == "tcp-port" else b"/peer"
+        s.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-        print(json.dumps(data.partition(b"\r\n\r\n")[2].decode().strip()))
+        answer = data.partition(b"\r\n\r\n")[2].decode().strip()
+        print(json.dumps(f"{answer} / {s.getsockname()[1]}" if sys.argv[3] == "tcp-port" else answer))
 except OSError as e:
     print(json.dumps(type(e).__name__))
 """
@@ -76,6 +81,48 @@ def peer(ns: str, host: str, port: int, protocol: str = "tcp") -> str:
     out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", PROBE, host, str(port), protocol],
                          capture_output=True, text=True, timeout=20)
     return str(json.loads(out.stdout)) if out.returncode == 0 else f"probe failed: {out.stderr[-300:]}"
+
+
+# From one client port to two Services with the same endpoint: TCP (two sockets bound to one port)
+# or UDP (one socket). Prints [[answer, client port], [answer, client port]].
+TWO_FROM_ONE_PORT = r"""
+import json, socket, sys
+udp = sys.argv[1] == "udp"
+targets = [(sys.argv[2], int(sys.argv[3])), (sys.argv[4], int(sys.argv[5]))]
+kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+first = socket.socket(socket.AF_INET, kind)
+first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+first.bind(("0.0.0.0", 0))
+socks = [first] if udp else [first, socket.socket(socket.AF_INET, kind)]
+if not udp:
+    socks[1].setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    socks[1].bind(("0.0.0.0", first.getsockname()[1]))
+answers = []
+for i, target in enumerate(targets):
+    s = socks[0 if udp else i]
+    s.settimeout(3)
+    if udp:
+        s.sendto(b"peerport?", target)
+        data, source = s.recvfrom(65536)
+        assert source[:2] == target, (source, target)  # each reply from the address it was sent to
+        answers.append([data.decode().strip(), s.getsockname()[1]])
+    else:
+        s.connect(target)
+        s.sendall(b"GET /peerport HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            data += s.recv(65536)
+        answers.append([data.partition(b"\r\n\r\n")[2].decode().strip(), s.getsockname()[1]])
+print(json.dumps(answers))  # the TCP connections stay open until now: both at once
+"""
+
+
+def two_from_one_port(ns: str, protocol: str, *targets: tuple[str, int]) -> list[tuple[str, int]]:
+    argv = [str(x) for target in targets for x in target]
+    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", TWO_FROM_ONE_PORT, protocol, *argv],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr[-500:]
+    return [(answer, port) for answer, port in json.loads(out.stdout)]
 
 
 def fetch(ns: str, path: str) -> str:
@@ -115,6 +162,11 @@ def test_who_keeps_the_client_address(cluster: dict[str, str], tmp_path: Path, m
     objs = [web, endpoint_slice("web", 8080, [POD_A[0]]), endpoint_slice("web", 8080, [POD_A[2]], name="web-6",
                                                                           family="IPv6"),
             local, endpoint_slice("local", 8080, [POD_A[0]]), dns, dns_slice]
+    dns2 = service("dns2", "10.96.0.14", 53)  # a second Service on the same UDP endpoint
+    dns2["spec"]["ports"][0].update(protocol="UDP", targetPort=5300)
+    dns2_slice = endpoint_slice("dns2", 5300, [POD_A[0]])
+    dns2_slice["ports"][0]["protocol"] = "UDP"
+    objs += [dns2, dns2_slice]
     write_manifests(tmp_path / "svc.yaml", objs)
     pod = start(cluster["pa"], str(PODSERVER), "pa", "--addr", POD_A[0], "--addr", POD_A[2], "--tcp=8080", "--udp=5300")
     proxy = start(node, "-m", "proxy", "--manifests", str(tmp_path), "--hostname-override", "node-a",
@@ -146,12 +198,27 @@ def test_who_keeps_the_client_address(cluster: dict[str, str], tmp_path: Path, m
         assert peer(cluster["pb"], "10.96.0.12", 53, "udp-big") == str(3000 + len("pa (10.244.1.10:5300): "))
         # Many connections, in a row: replies keep finding their way back.
         assert {peer(cluster["pb"], VIP4, 80) for _ in range(20)} == {f"pa peer {POD_B[0]}"}
+        # The client's port is kept too, as kube-proxy's DNAT keeps it ...
+        for host, protocol, ip in ((VIP4, "tcp-port", POD_B[0]), (VIP6, "tcp-port", POD_B[2]),
+                                   ("10.96.0.12", "udp-port", POD_B[0])):
+            answer, own = peer(cluster["pb"], host, 53 if protocol == "udp-port" else 80, protocol).split(" / ")
+            assert answer == f"pa peer {ip} {own}", (protocol, answer, own)
+        # ... unless the client reaches the same endpoint through two Services from one port at once:
+        # the first keeps it, the second gets another (one 4-tuple cannot carry both).
+        for protocol, second in (("tcp", ("10.96.0.11", 80)), ("udp", ("10.96.0.14", 53))):
+            first = (VIP4, 80) if protocol == "tcp" else ("10.96.0.12", 53)
+            (answer1, port), (answer2, port2) = two_from_one_port(cluster["pb"], protocol, first, second)
+            assert port == port2 and answer1 == f"pa peer {POD_B[0]} {port}", (protocol, answer1, port)
+            ip2, seen_port2 = answer2.split()[2:]
+            assert ip2 == POD_B[0] and seen_port2 != str(port), (protocol, answer2, port)
         # Metrics and the routing table say which connections kept their client's address.
         def kept() -> dict[str, float]:
             return {line.split('service="')[1].split('"')[0]: float(line.split()[-1])
                     for line in fetch(node, "/metrics").splitlines()
                     if line.startswith("svcproxy_service_transparent_connections_total{")}
-        expected = {"web": 22.0, "local": 2.0, "dns": 2.0}  # pb: 20 + v4 + v6; pb and outside; pb twice
+        # web: pb 20 + v4 + v6 + port v4, v6 + one of two; local: pb, outside, the other of two;
+        # dns: pb twice + port + one of two; dns2: the other of two.
+        expected = {"web": 25.0, "local": 3.0, "dns": 4.0, "dns2": 1.0}
         wait_for(lambda: kept() == expected, timeout=5)  # helpers (--workers) report every second
         table = {(r["address"], r["port"]): r["clientAddress"] for r in json.loads(fetch(node, "/debug/services"))}
         assert table[VIP4, 80] == "pods" and table[NODE_OUT[0], 30081] == "clients"
