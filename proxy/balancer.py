@@ -1,9 +1,15 @@
-"""Endpoint choice for one pool: round robin, with optional ClientIP affinity.
+"""Endpoint choice for one pool: round robin, or least connections, with optional ClientIP affinity.
 
 Used on the hot path, so picking is a few attribute reads and an index bump. The order is
 shuffled and the cursor reset only when the endpoint *set* changes (as the userspace proxier
 did): a sync that changes nothing leaves every pool's position alone, and the shuffle keeps all
 nodes from starting on the same endpoint.
+
+Least connections (``Pool.load`` set) sends a connection to the endpoint with the fewest open
+ones, as IPVS's ``lc`` scheduler, counting this process's connections: among up to LEAST_SCAN
+endpoints it compares all of them, starting at the cursor so ties go round robin; in larger
+pools it compares two, the next in the rotation and one at random (the power of two choices),
+which stays O(1) per connection and avoids sending every new connection to one idle endpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from proxy.model import Endpoint
 from proxy.outliers import Outliers
 
 _SHARED_RNG = random.Random()
+LEAST_SCAN = 8
+"""Pools up to this size compare every endpoint's load; larger ones compare two."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +44,8 @@ def rotation(endpoints: tuple[Endpoint, ...], rng: random.Random | None = None) 
 class Pool:
     """Round robin over a set of endpoints; ``pick`` returns None when there are none."""
 
-    __slots__ = ("_affinity", "_clock", "_cursor", "_rng", "affinity_timeout", "endpoints", "members", "outliers")
+    __slots__ = ("_affinity", "_clock", "_cursor", "_rng", "affinity_timeout", "endpoints", "load", "members",
+                 "outliers")
 
     def __init__(
         self,
@@ -58,6 +67,8 @@ class Pool:
         self.endpoints: tuple[Endpoint, ...] = ()
         self.members: frozenset[Endpoint] = frozenset()
         """The endpoints as a set: UDP flows check their endpoint is still in the pool."""
+        self.load: Callable[[Endpoint], int] | None = None
+        """Least connections: an endpoint's open connections (and UDP flows); None: round robin."""
         if prepared is not None:
             self.install(prepared, affinity_timeout)
         else:
@@ -105,6 +116,10 @@ class Pool:
         return self._next(exclude)
 
     def _next(self, exclude: Collection[Endpoint]) -> Endpoint:
+        if self.load is not None:
+            least = self._least(exclude)
+            if least is not None:
+                return least
         eps = self.endpoints
         n = len(eps)
         outliers = self.outliers
@@ -124,6 +139,27 @@ class Pool:
         ep = eps[self._cursor % n]
         self._cursor = (self._cursor + 1) % n
         return ep
+
+    def _least(self, exclude: Collection[Endpoint]) -> Endpoint | None:
+        """The least loaded of the candidates (see the module's docstring) that did not fail for
+        this connection and are not ejected; None if there is none (round robin decides then)."""
+        assert self.load is not None
+        eps = self.endpoints
+        n = len(eps)
+        cursor = self._cursor % n
+        candidates = range(cursor, cursor + n) if n <= LEAST_SCAN else (cursor, self._rng.randrange(n))
+        outliers = self.outliers if self.outliers is not None and self.outliers.ejections else None
+        best, best_at, best_load = None, cursor, 0
+        for i in candidates:
+            ep = eps[i % n]
+            if ep in exclude or (outliers is not None and outliers.ejected(ep)):
+                continue
+            load = self.load(ep)
+            if best is None or load < best_load:
+                best, best_at, best_load = ep, i, load
+        if best is not None:
+            self._cursor = (best_at + 1) % n if n <= LEAST_SCAN else (cursor + 1) % n
+        return best
 
     def expire_affinity(self) -> None:
         """Forget client affinities older than the timeout (called at each sync)."""

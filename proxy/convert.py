@@ -30,6 +30,7 @@ from proxy.model import (
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
 PROXY_PROTOCOL_ANNOTATION = "svcproxy.io/proxy-protocol"
+LOAD_BALANCING_ANNOTATION = "svcproxy.io/load-balancing"
 """``v1`` or ``v2``: svcproxy writes a PROXY protocol header to the endpoint (TCP ports)."""
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -196,6 +197,7 @@ def service_state_ports(obj: Mapping[str, Any]) -> tuple[ServicePort, ...] | Non
     external = _policy(f, spec, "externalTrafficPolicy")
     health_port = f.integer(spec, "healthCheckNodePort", "spec.healthCheckNodePort", 0, 65535, 0)
     proxy_protocol = _proxy_protocol(f, obj)
+    least_connections = _least_connections(f, obj)
     # trafficDistribution and the topology-mode annotation need nothing here: they tell the
     # EndpointSlice controller to write hints, and kube-proxy follows the hints alone.
 
@@ -224,6 +226,7 @@ def service_state_ports(obj: Mapping[str, Any]) -> tuple[ServicePort, ...] | Non
             external_policy=external,
             health_check_node_port=health_port,
             proxy_protocol=proxy_protocol if protocol == "TCP" else 0,
+            least_connections=least_connections,
         ))
     return tuple(ports)
 
@@ -237,6 +240,17 @@ def _proxy_protocol(f: _Fields, obj: Mapping[str, Any]) -> int:
     if value in ("v1", "v2"):
         return int(value[1])
     raise f.fail(path, f"expected v1 or v2, got {value!r}")
+
+
+def _least_connections(f: _Fields, obj: Mapping[str, Any]) -> bool:
+    annotations = f.mapping(f.mapping(obj, "metadata", "metadata"), "annotations", "metadata.annotations")
+    path = f"metadata.annotations[{LOAD_BALANCING_ANNOTATION}]"
+    value = f.string(annotations, LOAD_BALANCING_ANNOTATION, path).strip()
+    if value in ("", "round-robin"):
+        return False
+    if value == "least-connections":
+        return True
+    raise f.fail(path, f"expected round-robin or least-connections, got {value!r}")
 
 
 def _policy(f: _Fields, spec: Mapping[str, Any], field: str) -> Policy:

@@ -82,6 +82,9 @@ class ServicePort:
     proxy_protocol: int = 0
     """PROXY protocol version written to endpoints before the client's bytes (TCP ports of Services
     annotated ``svcproxy.io/proxy-protocol: v1|v2``); 0 = none."""
+    least_connections: bool = False
+    """New connections go to the endpoint with the fewest open ones (Services annotated
+    ``svcproxy.io/load-balancing: least-connections``); else round robin."""
 
     @property
     def captured_lb_ips(self) -> tuple[str, ...]:

@@ -66,6 +66,7 @@ class ListenerSpec:
 class PoolSpec:
     endpoints: tuple[Endpoint, ...]
     affinity_timeout: int = 0
+    least_connections: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -178,7 +179,7 @@ def desired(state: ServiceState, node: Node) -> tuple[dict[ListenerKey, Listener
             key = PoolKey(sp.name, family, policy)
             if key not in pools:
                 pools[key] = PoolSpec(usable_endpoints(eps, family, policy, node.name, node.zone),
-                                      sp.affinity_timeout)
+                                      sp.affinity_timeout, sp.least_connections)
             return key
 
         def add(ip: str, port: int, policy: Policy, ranges: tuple[str, ...] = (), *, kind: str,

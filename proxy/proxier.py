@@ -135,7 +135,8 @@ class Proxier:
         """A helper that (re)started gets everything its data plane needs, as it is now."""
         send = worker.channel.send
         send(("local", self._node_addresses or (), self._cluster_cidrs, self._node_interfaces, self._steered))
-        send(("pools", {key: (pool.endpoints, pool.affinity_timeout) for key, pool in self.pools.items()}))
+        send(("pools", {key: (pool.endpoints, pool.affinity_timeout, pool.load is not None)
+                        for key, pool in self.pools.items()}))
         for key, spec in self.serving.items():
             listener = self.listeners.open.get(key)
             if key.protocol == "TCP" and listener is not None:
@@ -253,7 +254,7 @@ class Proxier:
         if plan.add_vips:
             await self.vips.sync(self.table.vips)
         # Helpers get the pools in slices: pickling 10,000 at once held this loop for 300 ms.
-        batch: dict[PoolKey, tuple[tuple[Endpoint, ...], int]] = {}
+        batch: dict[PoolKey, tuple[tuple[Endpoint, ...], int, bool]] = {}
         for pool_key, pool_spec in plan.pools.items():
             pool = self.pools.get(pool_key)
             rot = prepared.get(pool_key)
@@ -264,8 +265,9 @@ class Proxier:
                 )
             else:
                 pool.install(rot, pool_spec.affinity_timeout)
+            self.pools[pool_key].load = self.traffic.load(pool_key.name) if pool_spec.least_connections else None
             if self.workers is not None:
-                batch[pool_key] = (pool_spec.endpoints, pool_spec.affinity_timeout)
+                batch[pool_key] = (pool_spec.endpoints, pool_spec.affinity_timeout, pool_spec.least_connections)
                 if len(batch) >= POOLS_PER_MESSAGE:
                     self._post("pools", batch)
                     batch = {}

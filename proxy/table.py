@@ -70,6 +70,7 @@ def view(serving: Mapping[ListenerKey, ListenerSpec], pools: Mapping[PoolKey, Po
             "address": key.ip, "port": key.port, "protocol": key.protocol, "type": spec.kind,
             "service": str(spec.pool.name), "policy": spec.pool.policy.value,
             "sessionAffinityTimeout": pool.affinity_timeout if pool is not None else 0,
+            "loadBalancing": "least-connections" if pool is not None and pool.load is not None else "round-robin",
             "sourceRanges": list(spec.source_ranges) if spec.source_ranges is not None else None,
             "proxyProtocol": f"v{spec.proxy_protocol}" if spec.proxy_protocol else None,
             "clientAddress": client_address(spec, transparent),
@@ -105,6 +106,8 @@ def render(rows: Sequence[Row]) -> str:
             extra.append("from " + ",".join(r["sourceRanges"]))
         if r.get("proxyProtocol"):
             extra.append(f"proxy-protocol {r['proxyProtocol']}")
+        if r.get("loadBalancing", "round-robin") != "round-robin":
+            extra.append(str(r["loadBalancing"]))
         if r.get("clientAddress", "node") != "node":
             extra.append(f"client-address {r['clientAddress']}")
         lines.append(" ".join([f"{r['protocol']:<4}", f"{_host_port(r['address'], r['port']):<21}",

@@ -156,6 +156,18 @@ class Traffic:
     def drop(self, counts: ServiceTraffic) -> None:
         _drop(self.services, counts.name, counts)
 
+    def load(self, name: ServicePortName) -> Callable[[Endpoint], int]:
+        """``name``'s open connections (UDP: flows) per endpoint, for least-connections pools;
+        looked up per call, so it creates no counts for a service port that has had no traffic."""
+        services = self.services
+
+        def active(ep: Endpoint) -> int:
+            counts = services.get(name)
+            endpoint = counts.endpoints.get((ep.ip, ep.port)) if counts is not None else None
+            return endpoint.active if endpoint is not None else 0
+
+        return active
+
 
 K = TypeVar("K")
 C = TypeVar("C", bound=Counts)

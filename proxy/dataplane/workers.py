@@ -181,13 +181,14 @@ class Helper:
 
     async def _apply(self, kind: str, args: list[Any], fds: list[int]) -> None:
         if kind == "pools":
-            for key, (endpoints, affinity) in args[0].items():
+            for key, (endpoints, affinity, least_connections) in args[0].items():
                 pool = self.pools.get(key)
                 if pool is None:
-                    self.pools[key] = Pool(endpoints, affinity_timeout=affinity, clock=self.loop.time,
-                                           outliers=self.outliers)
+                    pool = self.pools[key] = Pool(endpoints, affinity_timeout=affinity, clock=self.loop.time,
+                                                  outliers=self.outliers)
                 else:
                     pool.update(endpoints, affinity)
+                pool.load = self.traffic.load(key.name) if least_connections else None
         elif kind == "drop_pools":
             for key in args[0]:
                 gone = self.pools.pop(key, None)

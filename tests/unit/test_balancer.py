@@ -1,4 +1,5 @@
-"""balancer.Pool: round robin, its stability across syncs, ClientIP affinity and failover picks."""
+"""balancer.Pool: round robin, its stability across syncs, ClientIP affinity, failover picks, and
+least connections."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import random
 
 from proxy.balancer import Pool
 from proxy.model import Endpoint, Family
+from proxy.outliers import Outliers
 
 E = [Endpoint(f"10.244.0.{i}", 8080, Family.V4) for i in range(1, 6)]
 
@@ -176,3 +178,71 @@ def test_affinity_follows_failover() -> None:
     dead = pick(p, "192.0.2.1")
     survivor = pick(p, "192.0.2.1", [dead])
     assert p.pick("192.0.2.1") == survivor
+
+
+# -- least connections ------------------------------------------------------------------------------
+
+
+def least(endpoints: tuple[Endpoint, ...], open_: collections.Counter[Endpoint], **kw: object) -> Pool:
+    p = pool(endpoints, **kw)  # type: ignore[arg-type]
+    p.load = open_.__getitem__
+    return p
+
+
+def test_least_connections_picks_the_endpoint_with_fewest_open() -> None:
+    open_: collections.Counter[Endpoint] = collections.Counter({E[0]: 3, E[1]: 1, E[2]: 2})
+    p = least(tuple(E[:3]), open_)
+    assert pick(p) == E[1]
+    open_[E[1]] += 5  # it is now the busiest
+    assert pick(p) == E[2]
+
+
+def test_least_connections_ties_go_round_robin() -> None:
+    open_: collections.Counter[Endpoint] = collections.Counter()
+    p = least(tuple(E), open_)
+    assert collections.Counter(picks(p, 50)) == {ep: 10 for ep in E}
+    # As connections open (and are counted), every endpoint fills up evenly.
+    for _ in range(20):
+        open_[pick(p)] += 1
+    assert set(open_.values()) == {4}
+
+
+def test_least_connections_skips_failed_and_ejected_endpoints() -> None:
+    open_: collections.Counter[Endpoint] = collections.Counter({E[0]: 0, E[1]: 5, E[2]: 9})
+    clock = Clock()
+    p = least(tuple(E[:3]), open_, clock=clock)
+    assert pick(p, exclude=[E[0]]) == E[1]
+    p.outliers = Outliers(clock=clock)
+    p.outliers.failed(E[0])  # its connects fail: ejected for a while, however idle
+    assert pick(p) == E[1]
+    # Everything excluded: round robin still picks something rather than give up early.
+    assert pick(p, exclude=list(E[:3])) in E[:3]
+
+
+def test_least_connections_keeps_client_affinity() -> None:
+    open_: collections.Counter[Endpoint] = collections.Counter()
+    p = least(tuple(E[:3]), open_, affinity=60)
+    first = pick(p, "192.0.2.1")
+    open_[first] += 10
+    assert pick(p, "192.0.2.1") == first  # pinned, however busy
+    assert pick(p, "192.0.2.2") != first  # a new client goes elsewhere
+
+
+def test_large_pools_compare_two_and_favour_the_idle() -> None:
+    """Beyond LEAST_SCAN endpoints the pool compares two (the power of two choices): O(1) per pick,
+    and a busy endpoint gets far fewer new connections than an idle one."""
+    many = [Endpoint(f"10.244.1.{i}", 8080, Family.V4) for i in range(1, 41)]
+    open_: collections.Counter[Endpoint] = collections.Counter({ep: 100 for ep in many[:20]})
+    p = least(tuple(many), open_)
+    calls = 0
+
+    def counted(ep: Endpoint) -> int:
+        nonlocal calls
+        calls += 1
+        return open_[ep]
+
+    p.load = counted
+    chosen = collections.Counter(pick(p) in many[:20] for _ in range(1000))
+    assert calls <= 2 * 1000
+    # An idle endpoint is chosen unless both candidates are busy: about 1/4 of the time.
+    assert chosen[True] < 350 and chosen[False] > 650

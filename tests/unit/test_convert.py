@@ -337,6 +337,8 @@ BAD_SERVICES = [
     ("labels-not-object", _set("metadata.labels", ["a"]), "metadata.labels"),
     ("bad-proxy-protocol", _set("metadata.annotations", {convert.PROXY_PROTOCOL_ANNOTATION: "v3"}),
      f"metadata.annotations[{convert.PROXY_PROTOCOL_ANNOTATION}]"),
+    ("bad-load-balancing", _set("metadata.annotations", {convert.LOAD_BALANCING_ANNOTATION: "random"}),
+     f"metadata.annotations[{convert.LOAD_BALANCING_ANNOTATION}]"),
 ]
 
 
@@ -400,6 +402,16 @@ def test_the_proxy_protocol_annotation_applies_to_tcp_ports(value: str, version:
     ports = convert.service_state_ports(svc)
     assert ports is not None
     assert [(p.protocol, p.proxy_protocol) for p in ports] == [("TCP", version), ("UDP", 0)]
+
+
+@pytest.mark.parametrize(("value", "least"), [("least-connections", True), (" least-connections ", True),
+                                            ("round-robin", False), ("", False)])
+def test_the_load_balancing_annotation_applies_to_every_port(value: str, least: bool) -> None:
+    svc = make_service("shop", "cart", annotations={convert.LOAD_BALANCING_ANNOTATION: value},
+                       ports=[service_port("http", 80), service_port("dns", 53, "UDP")])
+    ports = convert.service_state_ports(svc)
+    assert ports is not None
+    assert [p.least_connections for p in ports] == [least, least]
 
 
 def test_invalid_object_is_a_value_error() -> None:
