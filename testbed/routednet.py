@@ -98,6 +98,10 @@ def _namespaces(roles: tuple[str, ...]) -> Iterator[dict[str, str]]:
     try:
         for ns in names.values():
             sh("ip", "netns", "add", ns)
+            # Before any interface exists, so each one inherits it: no duplicate address detection,
+            # whose second of tentative link-local addresses lost the first IPv6 replies.
+            sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0",
+               "net.ipv6.conf.all.accept_dad=0")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "netns", "exec", names["node"], "sysctl", "-qw", "net.ipv4.ip_forward=1",
            "net.ipv6.conf.all.forwarding=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0")

@@ -354,8 +354,11 @@ class Relay:
                 self.step += 1
             self.kept = fw.transparent and self.target.keeps_client_address(self.peer[0], ep.ip)
             try:
-                sock, code = self._connect(ep, self.peer[1] if self.kept else 0)
-                if code == errno.EADDRNOTAVAIL and self.kept:
+                # The client's port on the first dial only: a retry from it would reuse the four-tuple
+                # the endpoint may still hold half-open from the dial that timed out.
+                keep_port = self.kept and not failed
+                sock, code = self._connect(ep, self.peer[1] if keep_port else 0)
+                if code == errno.EADDRNOTAVAIL and keep_port:
                     # The client's port is taken toward this endpoint (another of its connections
                     # through another Service, or a TIME_WAIT): let the kernel pick one.
                     sock.close()
