@@ -10,6 +10,8 @@ ones, as IPVS's ``lc`` scheduler, counting this process's connections: among up 
 endpoints it compares all of them, starting at the cursor so ties go round robin; in larger
 pools it compares two, the next in the rotation and one at random (the power of two choices),
 which stays O(1) per connection and avoids sending every new connection to one idle endpoint.
+Dials in progress count as open (``EndpointTraffic.dialing``), so a burst of accepts does not all
+go to the endpoint that was least loaded before it.
 """
 
 from __future__ import annotations

@@ -241,7 +241,7 @@ class Relay:
 
     __slots__ = ("accepted", "active", "backend", "client", "client_ip", "closing", "dialing",
                  "endpoint", "endpoint_traffic", "failed", "forwarder", "kept", "peer", "pool", "quiet", "splice",
-                 "step", "target", "timed_out", "timer", "traffic", "trying")
+                 "step", "target", "timed_out", "timer", "traffic", "trying", "trying_counts")
 
     def __init__(self, forwarder: SocketForwarder, target: Target, sock: socket.socket) -> None:
         self.forwarder = forwarder
@@ -254,6 +254,8 @@ class Relay:
         self.endpoint: Endpoint | None = None
         """Where it went, once connected."""
         self.trying: Endpoint | None = None
+        self.trying_counts: EndpointTraffic | None = None
+        """For a least-connections pool: the endpoint's counts, whose ``dialing`` includes this dial."""
         """The endpoint being dialled."""
         self.traffic: ServiceTraffic | None = None
         self.endpoint_traffic: EndpointTraffic | None = None
@@ -371,6 +373,9 @@ class Relay:
                 fw.legs[leg.fd] = leg
                 fw.epoll.register(leg.fd, _WATCH)
                 self.trying = ep
+                if pool.load is not None:
+                    self.trying_counts = counts = traffic.endpoint(ep)
+                    counts.dialing += 1
                 if code == 0:  # loopback may connect at once
                     self._attach(leg, 0)
                 else:
@@ -446,7 +451,13 @@ class Relay:
             self.timed_out = True
             self.dial()
 
+    def _dial_over(self) -> None:
+        if self.trying_counts is not None:
+            self.trying_counts.dialing -= 1
+            self.trying_counts = None
+
     def _stop_dial(self, leg: _Leg) -> None:
+        self._dial_over()
         self.dialing = None
         if self.timer is not None:
             self.timer.cancel()
@@ -454,6 +465,7 @@ class Relay:
         leg.close()
 
     def _attach(self, backend: _Leg, events: int) -> None:
+        self._dial_over()
         self.dialing = None
         if self.timer is not None:
             self.timer.cancel()
@@ -551,6 +563,7 @@ class Relay:
         if traffic is None and self.client.relay is None:
             return
         self.forwarder.connections.discard(self)
+        self._dial_over()  # a dial still counted (none should be by now; a leak would skew the balance)
         client, backend = self.client, self.backend
         if traffic is not None:
             self.traffic = None

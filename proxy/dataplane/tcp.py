@@ -212,6 +212,10 @@ class Client(_Side):
             backend.peer = self
             # A plain timer rather than asyncio.timeout(): this runs once per connection.
             timer = loop.call_later(timeout, self._dial_timeout, backend)
+            # A least-connections pool counts the dial as a connection from now on (balancer.py).
+            dialing = traffic.endpoint(ep) if pool.load is not None else None
+            if dialing is not None:
+                dialing.dialing += 1
             try:
                 await loop.create_connection(lambda b=backend: b, ep.ip, ep.port)  # type: ignore[misc]
             except OSError as e:
@@ -246,6 +250,8 @@ class Client(_Side):
                 continue
             finally:
                 timer.cancel()
+                if dialing is not None:
+                    dialing.dialing -= 1
             if backend.transport is None and not backend.spoke:
                 # Reset before we could use it (a listener closing with us in its accept queue):
                 # nothing was sent either way, so another endpoint is as good and safe to try.

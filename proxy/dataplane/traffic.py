@@ -55,12 +55,14 @@ class Counts:
 
 
 class EndpointTraffic(Counts):
-    __slots__ = ("address", "errors", "service")
+    __slots__ = ("address", "dialing", "errors", "service")
 
     def __init__(self, service: ServiceTraffic, address: Address) -> None:
         super().__init__()
         self.service = service
         self.address = address
+        self.dialing = 0
+        """Dials in progress to it from least-connections pools (their picks count before they connect)."""
         self.errors: dict[str, int] = {}
         """Failed connects by reason (refused, timeout, reset, unreachable, other)."""
 
@@ -157,14 +159,15 @@ class Traffic:
         _drop(self.services, counts.name, counts)
 
     def load(self, name: ServicePortName) -> Callable[[Endpoint], int]:
-        """``name``'s open connections (UDP: flows) per endpoint, for least-connections pools;
-        looked up per call, so it creates no counts for a service port that has had no traffic."""
+        """``name``'s open connections (UDP: flows) and dials in progress per endpoint, for
+        least-connections pools; looked up per call, so it creates no counts for a service port
+        that has had no traffic."""
         services = self.services
 
         def active(ep: Endpoint) -> int:
             counts = services.get(name)
             endpoint = counts.endpoints.get((ep.ip, ep.port)) if counts is not None else None
-            return endpoint.active if endpoint is not None else 0
+            return endpoint.active + endpoint.dialing if endpoint is not None else 0
 
         return active
 

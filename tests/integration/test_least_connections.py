@@ -65,3 +65,26 @@ async def test_new_connections_go_to_the_endpoint_with_fewest_open(tmp_path: Pat
             assert sorted(names) == sorted(BACKENDS)  # round robin takes no notice
         for _, writer in held + later:
             writer.close()
+
+
+async def test_dials_in_progress_are_counted_and_released(tmp_path: Path) -> None:
+    """A least-connections pick counts its dial as a connection until it connects or fails; after
+    connections that met a dead endpoint (refused, then ejected) and a live one, nothing is left
+    counted as dialling, so the balance is not skewed by leaks."""
+    dead = "127.0.0.113"  # nothing listens there
+    svc = service("lc", VIP, 80)
+    svc["metadata"]["annotations"] = {LOAD_BALANCING_ANNOTATION: "least-connections"}
+    svc["spec"]["ports"][0]["targetPort"] = PORT
+    objs = [svc, endpoint_slice("lc", PORT, [BACKENDS[0], dead])]
+    async with servers([(BACKENDS[0], PORT)], lambda ip: Hold(ip.encode())), \
+            running_proxy(tmp_path, objs) as app:
+        assert app.proxier is not None
+        held = [await connect() for _ in range(6)]
+        assert {name for name, _ in held} == {BACKENDS[0]}
+        counts = next(iter(app.proxier.traffic.services.values()))
+        assert counts.endpoints[(dead, PORT)].errors.get("refused", 0) >= 1  # it was tried
+        assert {address: c.dialing for address, c in counts.endpoints.items()} == {(BACKENDS[0], PORT): 0,
+                                                                                  (dead, PORT): 0}
+        assert counts.endpoints[(BACKENDS[0], PORT)].active == 6
+        for _, writer in held:
+            writer.close()

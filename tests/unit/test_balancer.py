@@ -7,7 +7,8 @@ import collections
 import random
 
 from proxy.balancer import Pool
-from proxy.model import Endpoint, Family
+from proxy.dataplane.traffic import Traffic
+from proxy.model import Endpoint, Family, ServicePortName
 from proxy.outliers import Outliers
 
 E = [Endpoint(f"10.244.0.{i}", 8080, Family.V4) for i in range(1, 6)]
@@ -246,3 +247,21 @@ def test_large_pools_compare_two_and_favour_the_idle() -> None:
     assert calls <= 2 * 1000
     # An idle endpoint is chosen unless both candidates are busy: about 1/4 of the time.
     assert chosen[True] < 350 and chosen[False] > 650
+
+
+def test_a_burst_of_dials_spreads_by_what_is_in_flight() -> None:
+    """Dials in progress count (Traffic.load adds EndpointTraffic.dialing): a burst of accepts,
+    none connected yet, spreads instead of all going to the endpoint least loaded before it."""
+    traffic = Traffic()
+    name = ServicePortName("ns", "web", "http", "TCP")
+    p = pool(tuple(E[:2]))
+    p.load = traffic.load(name)
+    counts = traffic.service(name)
+    for _ in range(3):
+        counts.connected(E[0], 0.001)  # 3 open on E[0], none on E[1]
+    burst = []
+    for _ in range(9):
+        ep = pick(p)
+        counts.endpoint(ep).dialing += 1  # what the forwarders do while they dial
+        burst.append(ep)
+    assert collections.Counter(burst) == {E[1]: 6, E[0]: 3}  # 3 to even up, then alternating
