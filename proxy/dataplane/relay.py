@@ -465,7 +465,8 @@ class Relay:
         leg.close()
 
     def _attach(self, backend: _Leg, events: int) -> None:
-        self._dial_over()
+        if self.trying_counts is not None:
+            self._dial_over()
         self.dialing = None
         if self.timer is not None:
             self.timer.cancel()
@@ -563,7 +564,8 @@ class Relay:
         if traffic is None and self.client.relay is None:
             return
         self.forwarder.connections.discard(self)
-        self._dial_over()  # a dial still counted (none should be by now; a leak would skew the balance)
+        if self.trying_counts is not None:  # a dial still counted (a leak would skew the balance)
+            self._dial_over()
         client, backend = self.client, self.backend
         if traffic is not None:
             self.traffic = None
