@@ -107,7 +107,8 @@ def daemon_parser() -> argparse.ArgumentParser:
                    help="created after the first full sync, removed when stopping (for a readiness probe "
                    "that only this instance answers)")
     p.add_argument("--cleanup", action="store_true",
-                   help="remove the service addresses svcproxy added, then exit (they stay on a normal exit)")
+                   help="remove the service addresses, nftables tables and routing rules svcproxy added, then exit "
+                        "(they stay on a normal exit)")
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=Settings.verbosity,
                    help="log verbosity (klog style; 4+ = debug)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level (overrides -v)")
