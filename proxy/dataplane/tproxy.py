@@ -2,9 +2,8 @@
 
 A dial that keeps the client's address (``Target.keeps_client_address``) binds its socket to that
 address, and to the client's port where it is free, with IP_TRANSPARENT before connecting, as
-HAProxy's ``usesrc clientip`` does. The
-endpoint's replies are addressed to the client, not to this node, so two kernel pieces bring them
-back to svcproxy's socket:
+HAProxy's ``usesrc client`` does. The endpoint's replies are addressed to the client, not to this
+node, so two kernel pieces bring them back to svcproxy's socket:
 
 * an nftables table (``inet svcproxy-tproxy``) marks every packet that belongs to a local
   transparent socket (``socket transparent 1``, a socket lookup in prerouting; fragments are
